@@ -1,0 +1,156 @@
+"""Shared building blocks: dense layers with logical axes, norms, attention, RoPE, remat and scan.
+
+Numerics (spec 6.4, STYLE 7): matmuls run in the compute dtype and accumulate in float32
+(`preferred_element_type`); norms, softmax and RoPE are computed in float32 and cast back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+F32 = jnp.float32
+
+
+def dtype_of(name: str) -> Dtype:
+    return jnp.dtype(name)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Annotate an activation with logical axis names (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype) -> jax.Array:
+    """Contract the last `n_contract` dims of x with the first `n_contract` dims of kernel (f32 accumulate)."""
+    xc = tuple(range(x.ndim - n_contract, x.ndim))
+    kc = tuple(range(n_contract))
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((xc, kc), ((), ())),
+                               preferred_element_type=F32)
+
+
+class Dense(nn.Module):
+    """A dense layer over the last `in_dims` dims with a multi-dimensional output.
+
+    kernel: [*in_shape, *features] with logical names `axes` (in axes first), bias: [*features].
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    in_dims: int = 1
+    use_bias: bool = False
+    dtype: Dtype = F32
+    param_dtype: Dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = tuple(x.shape[-self.in_dims:])
+        nd = self.in_dims + len(self.features)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=tuple(range(self.in_dims)),
+                                                out_axis=tuple(range(self.in_dims, nd)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            in_shape + tuple(self.features), self.param_dtype)
+        y = matmul(x, kernel, self.in_dims, self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.axes[self.in_dims:]),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(F32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in float32."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = F32
+    param_dtype: Dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                          (d,), self.param_dtype)
+        x32 = x.astype(F32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(F32) + bias.astype(F32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm, weight only: w * cast(x32 * rsqrt(mean(x32^2) + eps)) (spec 6.4)."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = F32
+    param_dtype: Dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (d,), self.param_dtype)
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype) -> jax.Array:
+    """Multi-head attention with grouped KV heads.
+
+    q [B, Lq, H, hd], k/v [B, Lk, KV, hd], mask [B, Lq, Lk] bool (True = may attend) or None.
+    Query head h uses KV head h // (H // KV). q is scaled by hd^-0.5 before QK^T (the official eager
+    path, spec 6.4); scores and softmax in float32. A fully masked row gives a uniform softmax
+    (like the official additive finfo.min bias), never NaN.
+    """
+    b, lq, h, hd = q.shape
+    kv = k.shape[2]
+    q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
+    return o.reshape(b, lq, h, hd).astype(dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half (NeoX) RoPE over the full head, in float32. x [B, L, H, hd], positions [B, L]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=F32) / hd))
+    ang = positions.astype(F32)[..., None] * inv_freq  # [B, L, hd/2]
+    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x32 = x.astype(F32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], -1)
+    return (x32 * cos + rot * sin).astype(x.dtype)
+
+
+_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(layer_cls: type[nn.Module], n: int, *, remat_policy: str, in_axes: tuple = ()):
+    """`n` copies of a layer as one `nn.scan` (params stacked on a leading 'layers' axis).
+
+    The layer is called as `layer(carry, *args) -> (carry, ys)`; `in_axes` gives, per extra arg,
+    `nn.broadcast` or a scanned axis. `remat_policy` != 'none' wraps the layer body in `nn.remat`
+    with that policy, so the backward pass recomputes what the policy does not save.
+    """
+    cls = layer_cls
+    if remat_policy != "none":
+        cls = nn.remat(cls, policy=_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=in_axes, length=n, metadata_params={nn.PARTITION_NAME: "layers"})

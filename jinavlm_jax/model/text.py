@@ -1,0 +1,123 @@
+"""Qwen3-1.7B text decoder in the official layout (spec sections 1.3, 6.2-6.5).
+
+GQA with per-head QK RMSNorm before rotate-half RoPE (theta 1e6, float32), SwiGLU MLP, untied
+lm_head, and an embedding table split like the official one: `embedding` [vocab, d] plus
+`new_embedding` [additional, d] for the image tokens (spec trap 17).
+
+Attention takes an explicit boolean mask and an optional per-layer KV cache, so the same layer
+serves the full forward, the prefill (returns K/V to write) and one-token decode (writes its K/V
+into the cache at `cache_index` and attends over the whole cache).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .config import TextConfig
+from .layers import Dense, Dtype, RMSNorm, attention, constrain, rope, stack_layers
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+class DecoderLayer(nn.Module):
+    """x += Out(Attn(RoPE(QKNorm(QKV(RMS(x)))))); x += Down(silu(Gate(RMS(x))) * Up(RMS(x)))."""
+
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index, kv_cache):
+        """x [B, L, D]; positions [B, L]; mask [B, L, S] bool; kv_cache None or (k, v) [B, S, KV, hd].
+
+        Returns (x, (k, v)): the K/V of these L tokens (no cache) or the updated cache. K/V are
+        cached after QK-norm and RoPE (spec 6.5).
+        """
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
+        q = Dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", **kw)(h)
+        k = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k", **kw)(h)
+        v = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v", **kw)(h)
+        q = RMSNorm(c.norm_eps, axis_name="head_dim", name="q_norm", **kw)(q)
+        k = RMSNorm(c.norm_eps, axis_name="head_dim", name="k_norm", **kw)(k)
+        q = constrain(rope(q, positions, c.rope_theta), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(rope(k, positions, c.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        if kv_cache is None:
+            keys, values = k, v
+        else:
+            ck, cv = kv_cache
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        a = attention(q, keys, values, mask, self.dtype)
+        a = constrain(a, ("act_batch", "act_length", "act_heads", None))
+        x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out", **kw)(a)
+        x = constrain(x, ACT)
+        h = RMSNorm(c.norm_eps, name="ffn_norm", **kw)(x)
+        # The official fused `up` is value rows then gate rows (spec trap 4); we keep them apart so
+        # tensor parallelism shards both the same way.
+        up = Dense((c.mlp_size,), ("embed", "mlp"), name="up", **kw)(h)
+        gate = Dense((c.mlp_size,), ("embed", "mlp"), name="gate", **kw)(h)
+        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", **kw)(h)
+        return constrain(x, ACT), (keys, values)
+
+
+def causal_mask(kv_valid: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+    """[B, S] valid key slots -> [B, q_len, S] mask: query i sits in slot q_offset + i (causal)."""
+    s = kv_valid.shape[-1]
+    q_slot = jnp.arange(q_len)[:, None] + q_offset
+    causal = jnp.arange(s)[None, :] <= q_slot
+    return jnp.logical_and(causal[None], kv_valid[:, None, :].astype(bool))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """pos = max(cumsum(mask) - 1, 0): left padding does not shift real tokens (spec 6.3)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class TextModel(nn.Module):
+    """Embedding, scanned decoder layers, final norm and lm_head."""
+
+    cfg: TextConfig
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        init = nn.initializers.normal(1.0)
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                    (c.vocab_size, c.hidden_size), self.param_dtype)
+        self.new_embedding = self.param("new_embedding",
+                                        nn.with_logical_partitioning(init, (None, "embed")),
+                                        (c.additional_vocab_size, c.hidden_size), self.param_dtype)
+        stack = stack_layers(DecoderLayer, c.n_layers, remat_policy=self.remat_policy,
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
+        self.layers = stack(c, name="layers", **kw)
+        self.ln_f = RMSNorm(c.norm_eps, **kw)
+        self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), **kw)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """Token embeddings; -1 (padding) reads row 0 like the official model (spec 6.2)."""
+        c = self.cfg
+        ids = jnp.where(ids < 0, 0, ids)
+        base = jnp.take(self.embedding, jnp.clip(ids, 0, c.vocab_size - 1), axis=0)
+        extra = jnp.take(self.new_embedding, jnp.clip(ids - c.vocab_size, 0, c.additional_vocab_size - 1),
+                         axis=0)
+        x = jnp.where((ids >= c.vocab_size)[..., None], extra, base).astype(self.dtype)
+        return constrain(x, ACT)
+
+    def decode(self, x, positions, mask, cache_index=0, kv_cache=None):
+        """Run all layers. kv_cache: None or (k, v) [layers, B, S, KV, hd]. Returns (hidden, (k, v))."""
+        x, kv = self.layers(x, positions, mask, cache_index, kv_cache)
+        return self.ln_f(x), kv
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, ids, positions, mask):
+        h, _ = self.decode(self.embed(ids), positions, mask)
+        return self.logits(h)

@@ -1,0 +1,125 @@
+"""Logical axis names -> mesh axes (`data`, `fsdp`, `tensor`): one rule table (STYLE 4).
+
+Every param and the main activations carry logical names (`embed`, `mlp`, `heads`, `kv_heads`,
+`head_dim`, `vocab`, `layers`, ... and `act_*` for activations). Changing the parallelism means
+changing the mesh shape or this table, never a layer.
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = param_shardings(config, mesh)          # NamedSharding pytree for the params
+    with use_mesh(mesh):                               # activation constraints resolve on this mesh
+        logits = jax.jit(fwd, in_shardings=(shardings, ...))(params, ...)
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axes). Weights: the model dimension is split by FSDP, heads / MLP / vocab by
+# tensor parallelism. Activations: batch over data and fsdp, heads / MLP / vocab over tensor.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("patch", None),
+    ("positions", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (missing axes are 1)."""
+    out = {a: 1 for a in MESH_AXES}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(\w+)=(\d+)", part)
+        if not m or m.group(1) not in MESH_AXES:
+            raise ValueError(f"bad mesh spec {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}")
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default all); fsdp=-1 takes what is left."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if fsdp == -1:
+        if n % (data * tensor):
+            raise ValueError(f"{n} devices cannot be split into data={data} x tensor={tensor}")
+        fsdp = n // (data * tensor)
+    if data * fsdp * tensor != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+                         f"does not match the {n} devices available")
+    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+    return nn.logical_to_mesh_axes(tuple(axes), rules)
+
+
+def param_specs(config, rules=LOGICAL_RULES):
+    """PartitionSpec pytree for the params of `config` (from the logical names; nothing materialised)."""
+    from .model.jinavlm import abstract_params
+    boxed = abstract_params(config, boxed=True)
+    return nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes from dims they do not divide (e.g. 8 KV heads on tensor=16): replicate instead."""
+    out = []
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(ax if size and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedSharding pytree for the params of `config` on `mesh`."""
+    from .model.jinavlm import abstract_params
+    shapes = abstract_params(config)
+    specs = param_specs(config, rules)
+    return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, _fit(s, a.shape, mesh)), specs, shapes,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def named(mesh: Mesh, axes: Sequence[str | None], rules=LOGICAL_RULES) -> NamedSharding:
+    """NamedSharding for an activation / input with logical `axes`."""
+    return NamedSharding(mesh, logical_to_spec(axes, rules))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
+    """Make `mesh` and the rule table current, so the model's logical constraints resolve on it."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
+def shard_params(params, shardings):
+    """device_put a param pytree onto a sharding pytree of the same structure."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def rules_as_dict(rules=LOGICAL_RULES) -> Mapping[str, object]:
+    return dict(rules)

@@ -1,0 +1,30 @@
+"""Shared test fixtures.
+
+The golden data of `../shared/testdata/` (outputs of the official processor and of an independent
+port of the whole model) lives beside the clone in CI, not in a user's checkout: tests that need it
+take the `testdata` fixture and are skipped with the reason when it is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def testdata_dir() -> Path | None:
+    """Location of the shared golden data: $JINAVLM_TESTDATA, else ../shared/testdata beside the repo."""
+    env = os.environ.get("JINAVLM_TESTDATA")
+    cand = Path(env) if env else REPO.parent / "shared" / "testdata"
+    return cand if (cand / "README.md").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    d = testdata_dir()
+    if d is None:
+        pytest.skip("golden data ../shared/testdata not found beside the repository "
+                    "(set JINAVLM_TESTDATA to its path to run this test)")
+    return d
