@@ -70,5 +70,5 @@ class Connector(nn.Module):
         value = Dense((c.projector_size,), ("embed", "mlp"), name="proj_value", **kw)(pooled)
         gate = Dense((c.projector_size,), ("embed", "mlp"), name="proj_gate", **kw)(pooled)
         h = constrain(jax.nn.silu(gate) * value, ("act_batch", None, "act_length", "act_mlp"))
-        out = Dense((self.out_size,), ("mlp", "embed"), name="proj_down", **kw)(h)
+        out = Dense((self.out_size,), ("mlp", "embed"), name="proj_down", out_dtype=jnp.float32, **kw)(h)
         return constrain(out, ("act_batch", None, "act_length", "act_embed"))

@@ -1,7 +1,9 @@
 """Shared building blocks: dense layers with logical axes, norms, attention, RoPE, remat and scan.
 
 Numerics (spec 6.4, STYLE 7): matmuls run in the compute dtype and accumulate in float32
-(`preferred_element_type`); norms, softmax and RoPE are computed in float32 and cast back.
+(`preferred_element_type`); norms, softmax and RoPE are computed in float32 and cast back. The
+residual stream of both towers stays in float32 whatever the compute dtype (as PyTorch autocast does
+with float32 params), and logits are float32: with bf16 compute only the matmul inputs are rounded.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class Dense(nn.Module):
     """A dense layer over the last `in_dims` dims with a multi-dimensional output.
 
     kernel: [*in_shape, *features] with logical names `axes` (in axes first), bias: [*features].
+    The result is in `out_dtype` (default: the compute dtype); layers that feed the float32 residual
+    stream or the logits ask for float32 so no bf16 rounding happens there.
     """
 
     features: tuple[int, ...]
@@ -44,6 +48,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: Dtype = F32
     param_dtype: Dtype = F32
+    out_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,7 +65,7 @@ class Dense(nn.Module):
                                                                    self.axes[self.in_dims:]),
                               tuple(self.features), self.param_dtype)
             y = y + bias.astype(F32)
-        return y.astype(self.dtype)
+        return y.astype(self.out_dtype or self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -86,7 +91,11 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm, weight only: w * cast(x32 * rsqrt(mean(x32^2) + eps)) (spec 6.4)."""
+    """RMSNorm, weight only: w * cast_to_input_dtype(x32 * rsqrt(mean(x32^2) + eps)) (spec 6.4).
+
+    The weight multiplies in the input's dtype (float32 for the residual stream) before the single
+    cast to the compute dtype.
+    """
 
     eps: float = 1e-6
     axis_name: str = "embed"
@@ -100,7 +109,7 @@ class RMSNorm(nn.Module):
                            (d,), self.param_dtype)
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return y.astype(self.dtype) * scale.astype(self.dtype)
+        return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(self.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype) -> jax.Array:

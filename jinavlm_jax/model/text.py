@@ -29,7 +29,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
-        """x [B, L, D]; positions [B, L]; mask [B, L, S] bool; kv_cache None or (k, v) [B, S, KV, hd].
+        """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool; kv_cache None or (k, v) [B, S, KV, hd].
 
         Returns (x, (k, v)): the K/V of these L tokens (no cache) or the updated cache. K/V are
         cached after QK-norm and RoPE (spec 6.5).
@@ -53,7 +53,8 @@ class DecoderLayer(nn.Module):
             values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
         a = attention(q, keys, values, mask, self.dtype)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
-        x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out", **kw)(a)
+        x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out",
+                      out_dtype=jnp.float32, **kw)(a)
         x = constrain(x, ACT)
         h = RMSNorm(c.norm_eps, name="ffn_norm", **kw)(x)
         # The official fused `up` is value rows then gate rows (spec trap 4); we keep them apart so
@@ -61,7 +62,7 @@ class DecoderLayer(nn.Module):
         up = Dense((c.mlp_size,), ("embed", "mlp"), name="up", **kw)(h)
         gate = Dense((c.mlp_size,), ("embed", "mlp"), name="gate", **kw)(h)
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", **kw)(h)
+        x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", out_dtype=jnp.float32, **kw)(h)
         return constrain(x, ACT), (keys, values)
 
 
@@ -98,16 +99,16 @@ class TextModel(nn.Module):
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
         self.layers = stack(c, name="layers", **kw)
         self.ln_f = RMSNorm(c.norm_eps, **kw)
-        self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), **kw)
+        self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32, **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:
-        """Token embeddings; -1 (padding) reads row 0 like the official model (spec 6.2)."""
+        """Token embeddings (float32 residual stream); -1 (padding) reads row 0 like the official model."""
         c = self.cfg
         ids = jnp.where(ids < 0, 0, ids)
         base = jnp.take(self.embedding, jnp.clip(ids, 0, c.vocab_size - 1), axis=0)
         extra = jnp.take(self.new_embedding, jnp.clip(ids - c.vocab_size, 0, c.additional_vocab_size - 1),
                          axis=0)
-        x = jnp.where((ids >= c.vocab_size)[..., None], extra, base).astype(self.dtype)
+        x = jnp.where((ids >= c.vocab_size)[..., None], extra, base).astype(jnp.float32)
         return constrain(x, ACT)
 
     def decode(self, x, positions, mask, cache_index=0, kv_cache=None):

@@ -41,11 +41,12 @@ class VisionBlock(nn.Module):
         a = attention(q, k, v, None, self.dtype)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, use_bias=True,
-                      name="out", **kw)(a)
+                      name="out", out_dtype=jnp.float32, **kw)(a)
         h = LayerNorm(c.norm_eps, name="ffn_norm", **kw)(x)
         h = Dense((c.mlp_size,), ("embed", "mlp"), use_bias=True, name="up", **kw)(h)
         h = constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_length", "act_mlp"))
-        x = x + Dense((c.hidden_size,), ("mlp", "embed"), use_bias=True, name="down", **kw)(h)
+        x = x + Dense((c.hidden_size,), ("mlp", "embed"), use_bias=True, name="down", out_dtype=jnp.float32,
+                      **kw)(h)
         x = constrain(x, ACT)
         kept = tuple(jnp.where(layer_idx == i, x, f) for i, f in zip(self.keep, kept))
         return (x, kept), None
@@ -63,11 +64,12 @@ class VisionTower(nn.Module):
     def __call__(self, patches: jax.Array) -> jax.Array:
         """patches [N, P, patch_dim] -> features [N, P, len(vit_layers) * hidden] (layer order kept)."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Dense((c.hidden_size,), ("patch", "embed"), use_bias=True, name="patch_embed", **kw)(patches)
+        x = Dense((c.hidden_size,), ("patch", "embed"), use_bias=True, name="patch_embed",
+                  out_dtype=jnp.float32, **kw)(patches)
         pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                    ("positions", "embed")),
                          (c.n_patches, c.hidden_size), self.param_dtype)
-        x = constrain(x + pos.astype(x.dtype)[None], ACT)
+        x = constrain(x + pos.astype(jnp.float32)[None], ACT)  # float32 residual stream
 
         feature_layers, n_run = c.feature_layers, c.n_run_layers
         last = n_run - 1
