@@ -117,7 +117,7 @@ def init_params(config: JinaVLMConfig, rng: jax.Array | int = 0):
     """Random params (a plain nested dict, logical-axis metadata stripped)."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    variables = JinaVLM(config).init(rng, **dummy_inputs(config))
+    variables = jax.jit(JinaVLM(config).init)(rng, **dummy_inputs(config))
     return nn.unbox(variables["params"])
 
 
