@@ -133,9 +133,13 @@ def official_table(config: JinaVLMConfig) -> list[Entry]:
 # ------------------------------------------------------------------ the two directions of a piece
 
 def to_ours(w: np.ndarray, piece: Piece, layer_shape: tuple[int, ...]) -> np.ndarray:
-    """Official values (already cut to the piece's rows) -> our per-layer param layout."""
+    """Official values (already cut to the piece's rows) -> our per-layer param layout.
+
+    A transposed view where possible (reshape only splits axes): the caller's copy into the param
+    buffer is then the only copy, which keeps a streaming conversion at one extra tensor of memory.
+    """
     if piece.kind == "linear":
-        return np.ascontiguousarray(w.T).reshape(layer_shape)
+        return w.T.reshape(layer_shape)
     return w.reshape(layer_shape)
 
 
@@ -219,15 +223,21 @@ def load_params(config: JinaVLMConfig, reader: CheckpointReader, *, dtype: Any =
                 out[e.layer] = val
             if progress:
                 progress(e.name, w.nbytes)
+            del w, val  # free the source tensor before the next one is read / the param is placed
         _set(params, path, place(path, out))
         del out
     return params
 
 
-def official_tensors(config: JinaVLMConfig, params: dict, include_zero_biases: bool = True
-                     ) -> Iterator[tuple[str, np.ndarray]]:
-    """Our params -> (official name, array) in table order, one tensor at a time (the inverse of load)."""
+def official_tensors(config: JinaVLMConfig, params: dict, include_zero_biases: bool = True,
+                     select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Our params -> (official name, array) in table order, one tensor at a time (the inverse of load).
+
+    `select(name)` keeps only some tensors; `params` then needs only the subtrees they read.
+    """
     for e in official_table(config):
+        if select is not None and not select(e.name):
+            continue
         if not e.pieces:
             if include_zero_biases:
                 ref = np.asarray(_get(params, ("text", "ln_f", "scale")))

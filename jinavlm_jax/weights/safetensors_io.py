@@ -79,13 +79,13 @@ class SafetensorsFile:
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if shape else dt.itemsize
         a, b = rows if rows is not None else (0, shape[0] if shape else 1)
         count = (b - a) * (row_bytes // dt.itemsize) if shape else 1
+        out = np.empty(count, dtype=dt)
         with open(self.path, "rb") as f:
             f.seek(self._start + lo + a * row_bytes)
-            buf = f.read(count * dt.itemsize)
-        if len(buf) != count * dt.itemsize:
+            got = f.readinto(out.view(np.uint8))  # straight into the array: one copy, not two
+        if got != count * dt.itemsize:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
-        out = np.frombuffer(buf, dtype=dt, count=count)
-        return out.reshape(((b - a),) + shape[1:] if shape else ()).copy()
+        return out.reshape(((b - a),) + shape[1:] if shape else ())
 
 
 class CheckpointReader:
@@ -139,25 +139,49 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray] | Iter
                       metadata: Mapping[str, str] | None = None) -> int:
     """Write tensors to `path` atomically (a temp file renamed into place). Returns bytes written."""
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    specs = [(name, tuple(arr.shape), arr.dtype) for name, arr in items]
+    return write_safetensors_stream(path, specs, (arr for _, arr in items), metadata)
+
+
+def write_safetensors_stream(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                             arrays: Iterable[np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
+    """Write tensors declared up front as (name, shape, dtype), taking their values one at a time.
+
+    The header is written from `specs`; `arrays` (same order) is consumed lazily, so only one tensor
+    needs to be in memory (streaming export). Each array must match its declared shape and dtype.
+    Atomic like `write_safetensors`: an interrupted write leaves only `<path>.partial`, removed on error.
+    """
+    specs = list(specs)
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     off = 0
-    for name, arr in items:
-        dt = np.dtype(arr.dtype)
+    for name, shape, dtype in specs:
+        dt = np.dtype(dtype)
         if dt not in CODES:
             raise CheckpointError(f"tensor {name!r}: dtype {dt} cannot be stored in safetensors")
-        n = arr.size * dt.itemsize
-        header[name] = {"dtype": CODES[dt], "shape": list(arr.shape), "data_offsets": [off, off + n]}
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": CODES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            it = iter(arrays)
+            for name, shape, dtype in specs:
+                arr = next(it, None)
+                if arr is None or tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
+                    found = None if arr is None else (tuple(arr.shape), str(arr.dtype))
+                    raise CheckpointError(f"{path}: tensor {name!r} declared {tuple(shape)} {np.dtype(dtype)}, "
+                                          f"got {found}")
+                f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)  # no bytes copy
+                del arr
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return 8 + len(blob) + off
