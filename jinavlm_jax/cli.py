@@ -1,0 +1,396 @@
+"""The `jinavlm` command line: a registry of subcommands.
+
+    jinavlm generate --checkpoint DIR --image photo.jpg --prompt "Describe the image."
+    jinavlm generate --checkpoint DIR --input prompts.jsonl --output answers.jsonl
+    jinavlm chat --checkpoint DIR [--image photo.jpg]
+    jinavlm efficiency [--max-crops 12]
+
+Checkpoints are jinavlm-jax Orbax directories or official Hugging Face directories (config.json +
+safetensors). The tokenizer (tokenizer.json, preprocessor_config.json) is read from --tokenizer,
+by default the checkpoint directory. Generated text goes to stdout (streamed as it is produced);
+progress and errors go to stderr. Errors are one line, without a traceback, and exit with status 1.
+
+Adding a subcommand: write `configure(parser)` and `run(args) -> int`, then
+`register(Command("name", "one-line help", configure, run))` below the existing ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, argument setup and entry point (returns the exit code)."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand to `jinavlm` (names are unique)."""
+    if command.name in COMMANDS:
+        raise ValueError(f"subcommand {command.name!r} is already registered")
+    COMMANDS[command.name] = command
+    return command
+
+
+class CLIError(ValueError):
+    """A bad command-line request (printed without a traceback)."""
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def checkpoint_format(checkpoint: str | Path) -> str:
+    """"orbax" or "hf" for a checkpoint directory; CheckpointError naming what is there otherwise."""
+    from .checkpoint import META_NAME, is_checkpoint
+    from .weights import CheckpointError
+
+    d = Path(checkpoint)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    if is_checkpoint(d):
+        return "orbax"
+    if (d / "config.json").is_file() and any((d / f).is_file() for f in
+                                             ("model.safetensors", "model.safetensors.index.json")):
+        return "hf"
+    found = sorted(p.name for p in d.iterdir())[:12]
+    raise CheckpointError(f"{d}: neither a jinavlm-jax Orbax checkpoint ({META_NAME} + params/) nor an "
+                          f"official Hugging Face directory (config.json + model.safetensors or "
+                          f"model.safetensors.index.json); found {found}")
+
+
+def load_model(checkpoint: str | Path, dtype: str | None = None, mesh=None):
+    """(config, params) from a jinavlm-jax Orbax checkpoint or an official Hugging Face directory.
+
+    `dtype` ("float32" / "bfloat16") casts the params and sets the compute dtype; None keeps the
+    checkpoint's params and computes in float32. Raises CheckpointError for a directory that is
+    neither format.
+    """
+    from .checkpoint import load
+    from .weights import load_jina_vlm
+
+    if checkpoint_format(checkpoint) == "orbax":
+        config, params = load(checkpoint, mesh=mesh, dtype=dtype)
+    else:
+        config, params = load_jina_vlm(checkpoint, dtype=dtype)
+    return config.replace(dtype=dtype or "float32"), params
+
+
+def _processor(args):
+    from .processing import Processor
+    tok_dir = Path(args.tokenizer or args.checkpoint)
+    proc = Processor.from_dir(tok_dir)
+    if args.max_crops is not None:
+        proc = Processor.from_dir(tok_dir, config=proc.config.replace(max_crops=args.max_crops))
+    return proc
+
+
+def _mesh(spec: str | None):
+    if not spec:
+        return None
+    from .sharding import make_mesh, parse_mesh_spec
+    return make_mesh(**parse_mesh_spec(spec))
+
+
+def _sampling(args):
+    from .generate import Sampling
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="jinavlm-jax Orbax checkpoint or official Hugging Face directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with tokenizer.json and preprocessor_config.json (default: --checkpoint)")
+    p.add_argument("--max-crops", type=int, metavar="N",
+                   help="tiles per image (thumbnail not counted; default: the preprocessor config, 12): "
+                        "fewer crops = lower resolution, faster")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="params and compute dtype (default float32: XLA:CPU runs bfloat16 matmuls slowly)")
+    p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,fsdp=2,tensor=2 (default: one device)")
+
+
+class _Session:
+    """What every generating subcommand needs: processor, generator and settings."""
+
+    def __init__(self, args):
+        from .generate import Generator
+        self.args = args
+        checkpoint_format(args.checkpoint)  # cheap checks first: fail before loading any weights
+        self.processor = _processor(args)
+        mesh = _mesh(args.mesh)
+        config, params = load_model(args.checkpoint, args.dtype, mesh)
+        self.generator = Generator(config, params, mesh)
+        del params
+        self.sampling = _sampling(args)
+
+    def batch(self, prompts: list[str], images: list[list[str]]):
+        return self.processor(prompts, images, padding_side="left")
+
+    def run(self, prompts, images, stream: TextIO | None = None, seed=None):
+        """Generate for prompt strings; with `stream`, row 0's text is written there as it grows."""
+        on_token = _TextStream(self.processor, self.processor.stop_ids, stream) if stream else None
+        out = self.generator.generate(
+            self.batch(prompts, images), max_new_tokens=self.args.max_new_tokens, sampling=self.sampling,
+            seed=self.args.seed if seed is None else seed, stop_ids=self.processor.stop_ids,
+            tokenizer=self.processor, on_token=on_token)
+        if on_token is not None:
+            on_token.finish(out.texts[0])
+        return out
+
+
+class _TextStream:
+    """Writes the growing text of row 0 (re-decoding the ids so multi-token characters come out whole)."""
+
+    def __init__(self, processor, stop_ids, out: TextIO):
+        self.processor, self.stop, self.out = processor, set(stop_ids), out
+        self.ids: list[int] = []
+        self.shown = ""
+        self.ended = False
+
+    def __call__(self, step: int, tokens) -> None:
+        t = int(tokens[0])
+        if self.ended or t < 0 or t in self.stop:
+            self.ended = True
+            return
+        self.ids.append(t)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self, final: str) -> None:
+        self.out.write(final[len(self.shown):] + "\n")
+        self.out.flush()
+
+
+def _user_prompt(processor, text: str, n_images: int, raw: bool) -> str:
+    if raw:
+        return text
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}])
+
+
+# ----------------------------------------------------------------------------------- generate
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    p.add_argument("--prompt", metavar="TEXT", help="the question / instruction")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt as the model input as is (one <|image|> per image) instead of the "
+                        "chat template")
+    p.add_argument("--input", metavar="JSONL", help='batch mode: one {"prompt": ..., "images": [...]} per line')
+    p.add_argument("--output", metavar="JSONL", help="batch mode: answers, one JSON object per input line")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="batch mode: prompts per batch")
+
+
+def _run_generate(args) -> int:
+    if args.input or args.output:
+        if not (args.input and args.output):
+            raise CLIError("--input and --output go together (batch mode)")
+        if args.prompt or args.image:
+            raise CLIError("batch mode takes prompts and images from --input; drop --prompt/--image")
+        return _run_batch(args)
+    if args.prompt is None:
+        raise CLIError("give --prompt TEXT (or --input/--output for a batch)")
+    if not args.prompt.strip():
+        raise CLIError("empty prompt: --prompt needs some text")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise CLIError(f"{path}: image file not found")
+    s = _Session(args)
+    prompt = _user_prompt(s.processor, args.prompt, len(args.image), args.raw)
+    out = s.run([prompt], [list(args.image)], stream=sys.stdout)
+    if out.stop_reasons[0] == "length":
+        print(f"[stopped after --max-new-tokens {args.max_new_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise CLIError(f'{path}:{n}: expected {{"prompt": "non-empty text", "images": [paths]}}')
+            images = row.get("images", [])
+            if isinstance(images, str):
+                images = [images]
+            base = Path(path).parent
+            images = [str(p if Path(p).is_absolute() else base / p) for p in images]
+            for p in images:
+                if not Path(p).is_file():
+                    raise CLIError(f"{path}:{n}: image {p} not found")
+            rows.append({**row, "images": images, "line": n})
+    if not rows:
+        raise CLIError(f"{path}: no prompts")
+    return rows
+
+
+def _progress(done: int, total: int, t0: float) -> None:
+    out, width = sys.stderr, 30
+    fill = int(width * done / total)
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    out.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} prompts, {rate:.2f}/s, eta {eta:.0f}s")
+    if done == total:
+        out.write("\n")
+    out.flush()
+
+
+def _run_batch(args) -> int:
+    rows = _read_jsonl(args.input)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    s = _Session(args)
+    t0 = time.perf_counter()
+    out_path = Path(args.output)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    _progress(0, len(rows), t0)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            prompts = [_user_prompt(s.processor, r["prompt"], len(r["images"]), args.raw) for r in chunk]
+            # one seed per prompt, fixed by its position in the file: batching does not change answers
+            seeds = [args.seed + start + i for i in range(len(chunk))]
+            res = s.run(prompts, [r["images"] for r in chunk], seed=seeds)
+            for r, text, toks, reason in zip(chunk, res.texts, res.tokens, res.stop_reasons):
+                rec = {k: v for k, v in r.items() if k != "line"}
+                rec.update(text=text, tokens=toks, stop_reason=reason)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            _progress(start + len(chunk), len(rows), t0)
+    tmp.replace(out_path)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- chat
+
+def _configure_chat(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image(s) for the first question (more with /image PATH)")
+
+
+def _run_chat(args, stdin: TextIO | None = None) -> int:
+    stdin = stdin or sys.stdin
+    for path in args.image:
+        if not Path(path).is_file():
+            raise CLIError(f"{path}: image file not found")
+    s = _Session(args)
+    messages: list[dict] = []
+    images: list[str] = []
+    pending = list(args.image)
+    print("jinavlm chat: type a question; /image PATH attaches an image to the next question, /reset "
+          "starts over, /exit (or end of input) quits.", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages, images, pending = [], [], []
+            continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"jinavlm chat: error: {path or '(none)'}: image file not found", file=sys.stderr)
+            else:
+                pending.append(path)
+            continue
+        content = [{"type": "image"}] * len(pending) + [{"type": "text", "text": text}]
+        turn = messages + [{"role": "user", "content": content}]
+        turn_images = images + pending
+        try:
+            out = s.run([s.processor.apply_chat_template(turn)], [turn_images], stream=sys.stdout)
+        except ValueError as e:  # e.g. the conversation outgrew the context: keep the session
+            print(f"jinavlm chat: error: {e}", file=sys.stderr)
+            continue
+        messages = turn + [{"role": "assistant", "content": out.texts[0]}]
+        images, pending = turn_images, []
+    return 0
+
+
+# ----------------------------------------------------------------------------------- efficiency
+
+def _configure_efficiency(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-crops", type=int, default=12, metavar="N", help="tiles per image (default 12)")
+    p.add_argument("--config", metavar="PATH", help="an official config.json (default: the released jina-vlm)")
+    p.add_argument("--kv-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the KV cache and compute (default bfloat16, the released checkpoint's)")
+
+
+def _run_efficiency(args) -> int:
+    from .efficiency import efficiency_report, format_report
+    from .model import JinaVLMConfig
+    config = JinaVLMConfig.from_hf(args.config) if args.config else JinaVLMConfig.jina_vlm_2_4b()
+    print("compiling the prefill and vision programs on abstract shapes ...", file=sys.stderr, flush=True)
+    report = efficiency_report(config, args.max_crops, args.kv_dtype)
+    print(format_report(report, config))
+    return 0
+
+
+register(Command("generate", "answer a prompt about images (streams to stdout), or a JSONL batch",
+                 _configure_generate, _run_generate))
+register(Command("chat", "multi-turn chat about images on stdin/stdout", _configure_chat, _run_chat))
+register(Command("efficiency", "the paper's Table 1 (what 2x2 pooling saves) from the compiled model",
+                 _configure_efficiency, _run_efficiency))
+
+
+# ----------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(prog="jinavlm", description="jina-vlm in JAX: inference and tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run a subcommand; ValueError / OSError become one line on stderr, exit 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError) as e:  # our errors are ValueError subclasses; files raise OSError
+        print(f"jinavlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
