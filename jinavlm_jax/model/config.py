@@ -110,14 +110,18 @@ class TextConfig:
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "splash")
 
 
 @dataclass(frozen=True)
 class JinaVLMConfig:
     """The whole model: architecture (from config.json) plus run-time settings (not in config.json).
 
-    Run-time settings: `dtype` (compute), `param_dtype`, and `remat_policy` for both towers
-    (`none`, `full`, `dots_saveable`, `dots_with_no_batch_dims_saveable`). Layers are always stacked
+    Run-time settings: `dtype` (compute), `param_dtype`, `remat_policy` for both towers
+    (`none`, `full`, `dots_saveable`, `dots_with_no_batch_dims_saveable`), and `attention_impl` for
+    the self-attention of both towers: `xla` (einsums, the reference) or `splash` (the Pallas TPU
+    flash kernel of `model/splash.py`; interpret mode off TPU; full-sequence calls only, a decode
+    step with a KV cache keeps the XLA path). Layers are always stacked
     with `nn.scan` (one compiled layer body, params with a leading `layers` axis).
     Change them with `dataclasses.replace(cfg, dtype="bfloat16")` or `cfg.replace(...)`.
     """
@@ -129,12 +133,15 @@ class JinaVLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             raise ConfigError(f"dtype/param_dtype must be one of {DTYPES}, got {self.dtype!r}/{self.param_dtype!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         t, v = self.text, self.vision
         if t.n_heads % t.n_kv_heads:
             raise ConfigError(f"text n_heads={t.n_heads} is not a multiple of n_kv_heads={t.n_kv_heads}")

@@ -16,7 +16,7 @@ from flax import linen as nn
 from .config import JinaVLMConfig
 from .connector import Connector
 from .layers import dtype_of
-from .text import TextModel, causal_mask, positions_from_mask
+from .text import SegmentMask, TextModel, causal_mask, positions_from_mask
 from .vision import VisionTower
 
 
@@ -32,9 +32,9 @@ class JinaVLM(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
-        self.vision = VisionTower(c.vision, remat_policy=c.remat_policy, **kw)
+        self.vision = VisionTower(c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.connector = Connector(c.connector, c.vision.patches_per_side, c.text.hidden_size, **kw)
-        self.text = TextModel(c.text, remat_policy=c.remat_policy, **kw)
+        self.text = TextModel(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
 
     # ---------------------------------------------------------------- vision side
     def vision_features(self, images: jax.Array) -> jax.Array:
@@ -79,13 +79,18 @@ class JinaVLM(nn.Module):
             attention_mask = input_ids != -1
         x = self.embed_inputs(input_ids, images, image_masks, image_input_idx)
         positions = positions_from_mask(attention_mask)
-        mask = causal_mask(attention_mask, input_ids.shape[1])
+        if self.config.attention_impl == "splash":  # the kernel takes padding as segment ids
+            mask = SegmentMask(attention_mask.astype(jnp.int32))
+        else:
+            mask = causal_mask(attention_mask, input_ids.shape[1])
         h, _ = self.text.decode(x, positions, mask)
         return self.text.logits(h)
 
     # ---------------------------------------------------------------- building blocks for generation
     def decode_hidden(self, x, positions, mask, cache_index=0, kv_cache=None):
-        """Decoder over embeddings x [B, L, D]: returns (final-norm hidden, (k, v) or updated cache)."""
+        """Decoder over embeddings x [B, L, D]: returns (final-norm hidden, (k, v) or updated cache).
+
+        mask: [B, L, S] bool, or a `text.SegmentMask` for a full sequence (required by splash)."""
         return self.text.decode(x, positions, mask, cache_index, kv_cache)
 
     def logits_from_hidden(self, h):

@@ -6,9 +6,13 @@ lm_head, and an embedding table split like the official one: `embedding` [vocab,
 
 Attention takes an explicit boolean mask and an optional per-layer KV cache, so the same layer
 serves the full forward, the prefill (returns K/V to write) and one-token decode (writes its K/V
-into the cache at `cache_index` and attends over the whole cache).
+into the cache at `cache_index` and attends over the whole cache). For a full sequence the mask may
+instead be a `SegmentMask` (causal within segment ids), the form the splash kernel needs
+(`attention_impl="splash"`); the XLA path expands it to the same boolean mask.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +24,36 @@ from .layers import Dense, Dtype, RMSNorm, attention, constrain, rope, stack_lay
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+class SegmentMask(NamedTuple):
+    """Causal self-attention within segments: segment_ids [B, L] int, 0 = padding, 1, 2, ... = samples.
+
+    Token i attends to token j <= i when both carry the same non-zero id. For one left-padded prompt
+    per row, `SegmentMask(attention_mask.astype(jnp.int32))` is exactly `causal_mask(attention_mask, L)`.
+    """
+
+    segment_ids: jax.Array
+
+    def dense(self) -> jax.Array:
+        """The [B, L, L] bool mask of the XLA path (rows of padding tokens are all False)."""
+        seg = self.segment_ids
+        l = seg.shape[1]
+        causal = jnp.arange(l)[:, None] >= jnp.arange(l)[None, :]
+        same = seg[:, :, None] == seg[:, None, :]
+        return causal[None] & same & (seg[:, None, :] > 0)
+
+
 class DecoderLayer(nn.Module):
     """x += Out(Attn(RoPE(QKNorm(QKV(RMS(x)))))); x += Down(silu(Gate(RMS(x))) * Up(RMS(x)))."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
-        """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool; kv_cache None or (k, v) [B, S, KV, hd].
+        """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool or a SegmentMask
+        (no cache); kv_cache None or (k, v) [B, S, KV, hd].
 
         Returns (x, (k, v)): the K/V of these L tokens (no cache) or the updated cache. K/V are
         cached after QK-norm and RoPE (spec 6.5).
@@ -51,7 +75,7 @@ class DecoderLayer(nn.Module):
             start = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-        a = attention(q, keys, values, mask, self.dtype)
+        a = self._attend(q, keys, values, mask, kv_cache is not None)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out",
                       out_dtype=jnp.float32, **kw)(a)
@@ -64,6 +88,23 @@ class DecoderLayer(nn.Module):
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
         x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", out_dtype=jnp.float32, **kw)(h)
         return constrain(x, ACT), (keys, values)
+
+    def _attend(self, q, k, v, mask, cached: bool):
+        """The XLA path, or the splash kernel for a full sequence with a SegmentMask."""
+        if isinstance(mask, SegmentMask):
+            if cached:
+                raise ValueError("a SegmentMask describes a full sequence; a decode step over a KV cache "
+                                 "takes the boolean mask [B, L, cache slots] (text.causal_mask)")
+            if self.attention_impl == "splash":
+                from .splash import splash_attention
+                return splash_attention(q, k, v, mask.segment_ids, causal=True, dtype=self.dtype)
+            mask = mask.dense()
+        elif self.attention_impl == "splash" and not cached:
+            raise ValueError("attention_impl='splash' needs the attention mask as "
+                             "text.SegmentMask(segment_ids [B, L]), not a dense [B, L, S] mask: pass "
+                             "SegmentMask(attention_mask.astype(jnp.int32)) for left-padded prompts, or "
+                             "the batch's segment_ids for packed rows")
+        return attention(q, k, v, mask, self.dtype)
 
 
 def causal_mask(kv_valid: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
@@ -86,6 +127,7 @@ class TextModel(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -97,7 +139,7 @@ class TextModel(nn.Module):
                                         (c.additional_vocab_size, c.hidden_size), self.param_dtype)
         stack = stack_layers(DecoderLayer, c.n_layers, remat_policy=self.remat_policy,
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
-        self.layers = stack(c, name="layers", **kw)
+        self.layers = stack(c, attention_impl=self.attention_impl, name="layers", **kw)
         self.ln_f = RMSNorm(c.norm_eps, **kw)
         self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32, **kw)
 
@@ -112,7 +154,8 @@ class TextModel(nn.Module):
         return constrain(x, ACT)
 
     def decode(self, x, positions, mask, cache_index=0, kv_cache=None):
-        """Run all layers. kv_cache: None or (k, v) [layers, B, S, KV, hd]. Returns (hidden, (k, v))."""
+        """Run all layers. mask: [B, L, S] bool or a SegmentMask (no cache); kv_cache: None or (k, v)
+        [layers, B, S, KV, hd]. Returns (hidden, (k, v))."""
         x, kv = self.layers(x, positions, mask, cache_index, kv_cache)
         return self.ln_f(x), kv
 

@@ -28,6 +28,7 @@ class VisionBlock(nn.Module):
     keep: tuple[int, ...] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, carry, layer_idx):
@@ -38,7 +39,11 @@ class VisionBlock(nn.Module):
         q = Dense((c.n_heads, c.head_dim), qkv_axes, use_bias=True, name="q", **kw)(h)
         k = Dense((c.n_heads, c.head_dim), qkv_axes, use_bias=True, name="k", **kw)(h)
         v = Dense((c.n_heads, c.head_dim), qkv_axes, use_bias=True, name="v", **kw)(h)
-        a = attention(q, k, v, None, self.dtype)
+        if self.attention_impl == "splash":
+            from .splash import splash_attention
+            a = splash_attention(q, k, v, None, causal=False, dtype=self.dtype)
+        else:
+            a = attention(q, k, v, None, self.dtype)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, use_bias=True,
                       name="out", out_dtype=jnp.float32, **kw)(a)
@@ -59,6 +64,7 @@ class VisionTower(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, patches: jax.Array) -> jax.Array:
@@ -76,7 +82,8 @@ class VisionTower(nn.Module):
         keep = tuple(sorted({i for i in feature_layers if i < last}))
         blocks = stack_layers(VisionBlock, n_run, remat_policy=self.remat_policy, in_axes=(0,))
         kept0 = tuple(jnp.zeros_like(x) for _ in keep)
-        (x, kept), _ = blocks(c, keep, name="layers", **kw)((x, kept0), jnp.arange(n_run))
+        (x, kept), _ = blocks(c, keep, attention_impl=self.attention_impl, name="layers", **kw)(
+            (x, kept0), jnp.arange(n_run))
 
         post = LayerNorm(c.norm_eps, name="post_norm", **kw) if c.post_lnorm else None
         n_unused = c.n_layers - n_run
