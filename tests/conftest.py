@@ -28,3 +28,15 @@ def testdata() -> Path:
         pytest.skip("golden data ../shared/testdata not found beside the repository "
                     "(set JINAVLM_TESTDATA to its path to run this test)")
     return d
+
+
+@pytest.fixture(scope="session")
+def set1(testdata, tmp_path_factory):
+    """(config, params) of the golden tiny model of set 1, loaded through the official layout."""
+    import shutil
+
+    from jinavlm_jax import load_jina_vlm
+    d = tmp_path_factory.mktemp("set1")
+    shutil.copy(testdata / "set1_config.json", d / "config.json")
+    shutil.copy(testdata / "set1_weights_official_names.safetensors", d / "model.safetensors")
+    return load_jina_vlm(d)

@@ -6,23 +6,14 @@ ViT features, connector outputs and logits at real (non-padding) positions.
 """
 from __future__ import annotations
 
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from jinavlm_jax import JinaVLM, load_jina_vlm
+from jinavlm_jax import JinaVLM
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def set1(testdata, tmp_path_factory):
-    d = tmp_path_factory.mktemp("set1")
-    shutil.copy(testdata / "set1_config.json", d / "config.json")
-    shutil.copy(testdata / "set1_weights_official_names.safetensors", d / "model.safetensors")
-    return load_jina_vlm(d)
 
 
 def rel_err(a, b) -> float:
