@@ -196,10 +196,11 @@ def format_report(r: EfficiencyReport, config: JinaVLMConfig | None = None) -> s
     for i, (name, a, b, ratio) in enumerate(rows):
         out.append(f"{name:<{w}}  {a:>14}  {b:>14}  {ratio:>6.2f}x   {paper.get(i, '')}")
     out += ["",
-            f"{r.visual_tokens[1]:,} = {r.crops} x {r.paper_tokens_per_crop} is the paper's count (729 / 4 rounded down); "
-            "the released processor differs (spec 5.2):",
+            f"{r.visual_tokens[1]:,} = {r.crops} x {r.paper_tokens_per_crop} is the paper's count "
+            "(729 / 4 rounded down); the released processor differs (spec 5.2):",
             f"  pooled features per crop: {r.real_pooled_per_crop} (a zero-padded 28x28 grid pooled 2x2)",
-            f"  the paper's {PAPER_IMAGE_HW[1]}x{PAPER_IMAGE_HW[0]} image -> {r.real_tiling[0]}x{r.real_tiling[1]} tiles "
+            f"  the paper's {PAPER_IMAGE_HW[1]}x{PAPER_IMAGE_HW[0]} image -> "
+            f"{r.real_tiling[0]}x{r.real_tiling[1]} tiles "
             f"+ thumbnail = {r.real_crops} crops: {r.real_pooled_computed:,} features computed, "
             f"{r.real_placed:,} placed as <im_patch>, {r.real_image_tokens:,} image tokens "
             f"(with <im_col> and start/end)",

@@ -9,31 +9,22 @@ padding with -1), so no tokenizer is needed.
 from __future__ import annotations
 
 import json
-import shutil
 
 import jax
 import numpy as np
 import pytest
 from jax import monitoring
 
-from jinavlm_jax import JinaVLM, load_jina_vlm
+from jinavlm_jax import JinaVLM
 from jinavlm_jax.generate import GenerateError, Generator, Sampling, _sample, generate, prompt_bucket
 from jinavlm_jax.model import InputError, causal_mask, positions_from_mask
 from jinavlm_jax.processing import Processor
 
 from test_sharding import run_8_devices
 
-BOS, EOS, IM_END = 510, 510, 511
+BOS = 510  # <|endoftext|>, which the processor prepends as BOS
 # image_tokens in the processor cases use 0..3 for <im_patch>, <im_col>, <im_start>, <im_end>
 TINY_IMAGE_IDS = np.array([500, 503, 501, 502])
-
-
-@pytest.fixture(scope="module")
-def set1(testdata, tmp_path_factory):
-    d = tmp_path_factory.mktemp("set1")
-    shutil.copy(testdata / "set1_config.json", d / "config.json")
-    shutil.copy(testdata / "set1_weights_official_names.safetensors", d / "model.safetensors")
-    return load_jina_vlm(d)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +182,8 @@ def test_compiles_once_for_different_images_in_one_bucket(gen, testdata):
     assert [int((~np.all(b["images"] == -1, axis=(2, 3))).sum()) for b in batches] == [3, 3, 5]
 
     events = []
-    listener = lambda name, *a, **k: events.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    compiled = "/jax/core/compile/backend_compile_duration"
+    listener = lambda name, *a, **k: events.append(name) if name == compiled else None
     monitoring.register_event_duration_secs_listener(listener)
     try:
         outs = []
@@ -248,7 +240,8 @@ def test_stop_ids_and_early_exit(gen, testdata):
 def test_streaming_callback_sees_every_step(gen, testdata):
     g = dict(np.load(testdata / "set1_batch.npz"))
     seen = []
-    out = gen.generate(g, max_new_tokens=8, stop_ids=[33], on_token=lambda step, toks: seen.append((step, toks.tolist())))
+    out = gen.generate(g, max_new_tokens=8, stop_ids=[33],
+                       on_token=lambda step, toks: seen.append((step, toks.tolist())))
     assert [s for s, _ in seen] == list(range(8))
     row1 = [t[1] for _, t in seen]
     assert row1 == out.tokens[1]
