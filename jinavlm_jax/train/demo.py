@@ -1,0 +1,120 @@
+"""The embedded demo (`python train.py` without arguments, recipe `configs/demo.yaml`).
+
+Before training, `prepare_demo` makes what the recipe points at, once per output directory:
+
+* `OUTPUT_DIR/raw/`: the synthetic multilingual VQA corpus (`data.synthetic`), JSONL + PNG, which
+  the normal source resolution then builds into TFDS array_record datasets;
+* the model directory `tokenizer:` names: a byte-level BPE tokenizer trained on that corpus
+  (`data.tokenizer`), a `config.json` (the `tiny` layout, `model.arch` sizes, the tokenizer's
+  vocabulary) and a `preprocessor_config.json` (the `processor:` settings).
+
+After training, `demo_report` prints the held-out accuracy against the majority baseline, a few
+predictions, and the command that asks the trained model about an image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .config import TrainConfig, TrainConfigError
+
+
+def raw_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.output_dir) / "raw"
+
+
+def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict:
+    """Write the synthetic corpus, tokenizer and model configs if they are not there yet."""
+    from ..data.synthetic import corpus_text, write_synthetic_vqa
+    from ..data.tokenizer import train_bpe_tokenizer
+    from ..model import JinaVLMConfig
+    from ..processing import PreprocessConfig
+
+    raw = raw_dir(cfg)
+    marker = raw / "corpus.json"
+    pre = PreprocessConfig().replace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.processor.items()})
+    if not marker.is_file():
+        say(f"demo: rendering {cfg.demo.n_train} + {cfg.demo.n_val} synthetic {pre.crop_size}x{pre.crop_size} VQA "
+            f"images in {', '.join(cfg.demo.languages)} -> {raw}")
+        # Images of exactly one crop: the processor makes one tile + the thumbnail, nothing is resized.
+        info = write_synthetic_vqa(raw, cfg.demo.n_train, cfg.demo.n_val, cfg.demo.languages, seed=cfg.run.seed,
+                                   size=pre.crop_size)
+        marker.write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    info = json.loads(marker.read_text())
+    model_dir = Path(cfg.tokenizer)
+    if not cfg.tokenizer:
+        raise TrainConfigError("demo: `tokenizer` must name the directory for the demo's tokenizer and configs")
+    if not (model_dir / "config.json").is_file():
+        say(f"demo: training a byte-level BPE tokenizer (vocab {cfg.demo.vocab_size}) -> {model_dir}")
+        tok = train_bpe_tokenizer(corpus_text(raw), model_dir, cfg.demo.vocab_size)
+        from .loop import apply_arch
+        model = apply_arch(JinaVLMConfig.tiny(), cfg.model.arch)
+        text = dataclasses.replace(model.text, vocab_size=tok["vocab_size"],
+                                   additional_vocab_size=tok["additional_vocab_size"])
+        (model_dir / "config.json").write_text(json.dumps(model.replace(text=text).to_hf(), indent=1))
+        (model_dir / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=1))
+    return info
+
+
+def demo_report(cfg: TrainConfig, result, out=sys.stdout) -> None:
+    """Print accuracy vs. majority baseline, some predictions and the `jinavlm generate` command."""
+    rep = result.generation
+    p = lambda s="": print(s, file=out)
+    p()
+    p(f"== jina-vlm demo: {result.steps} steps in {result.wall_time_s / 60:.1f} min ==")
+    if rep is not None:
+        vqa = rep.per_source.get("vqa", {"accuracy": rep.accuracy, "majority_baseline": rep.majority_baseline,
+                                         "majority_answer": rep.majority_answer, "n": rep.n})
+        p(f"held-out VQA answer accuracy: {vqa['accuracy']:.1%} on {vqa['n']} questions "
+          f"(majority-answer baseline {vqa['majority_baseline']:.1%}: always answering "
+          f"'{vqa['majority_answer']}')")
+        for name, d in rep.per_source.items():
+            if name != "vqa":
+                p(f"held-out {name} accuracy: {d['accuracy']:.1%} on {d['n']} questions "
+                  f"(majority baseline {d['majority_baseline']:.1%})")
+        by_task = _by_task(cfg, rep.predictions)
+        if by_task:
+            p("per question type: " + ", ".join(f"{t} {a:.0%}" for t, a in by_task.items()))
+        p()
+        p("some held-out predictions:")
+        shown = [x for x in rep.predictions if x["source"] == "vqa"][: max(cfg.eval.show, 0)]
+        for x in shown:
+            mark = "ok " if x["correct"] else "XX "
+            q = x["question"].replace("<|image|>", "").replace("\n", " / ")
+            p(f"  {mark} Q: {q}\n      expected: {x['reference']!r}   model: {x['prediction']!r}")
+    if result.heldout.get("heldout_loss") is not None:
+        p(f"held-out loss {result.heldout['heldout_loss']:.4f}, token accuracy "
+          f"{result.heldout.get('heldout_token_accuracy', float('nan')):.1%}")
+    if result.plot:
+        p(f"loss curve: {result.plot}")
+    if result.export_dir:
+        image = sorted((raw_dir(cfg) / "vqa" / "images").glob("validation_*.png"))[:1]
+        p(f"trained model (with tokenizer): {result.export_dir}")
+        p()
+        p("ask the trained model about an image:")
+        img = image[0] if image else "IMAGE.png"
+        p(f"  jinavlm generate --checkpoint {result.export_dir} --image {img} "
+          f"--prompt 'What colour is the shape?' --max-new-tokens 8")
+        p("  (or: python -m jinavlm_jax.cli generate ... ; questions may be in English, German, Chinese "
+          "or Arabic)")
+
+
+def _by_task(cfg: TrainConfig, predictions) -> dict[str, float]:
+    """Accuracy per synthetic question type, from the meta stored in the held-out JSONL."""
+    path = raw_dir(cfg) / "vqa" / "validation.jsonl"
+    if not path.is_file():
+        return {}
+    task = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            task[rec["id"]] = rec.get("meta", {}).get("task")
+    acc: dict[str, list[bool]] = {}
+    for x in predictions:
+        t = task.get(x["id"])
+        if t:
+            acc.setdefault(t, []).append(bool(x["correct"]))
+    return {t: sum(v) / len(v) for t, v in sorted(acc.items())}

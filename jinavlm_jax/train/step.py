@@ -1,0 +1,325 @@
+"""The jitted train and eval steps: sharded over the mesh from the rule table, state donated.
+
+Batch layout (numpy, rows of this process; `jinavlm_jax.data.pipeline` produces it):
+
+| key | shape, dtype | meaning |
+|---|---|---|
+| `input_ids` | [B, L] int32 | -1 = padding |
+| `labels` | [B, L] int32 | the next token at each position (compared with the logits there) |
+| `weights` | [B, L] float32 | 1 on assistant tokens (the loss mask), 0 elsewhere |
+| `positions` | [B, L] int32 | RoPE positions, restarting at 0 for every packed sample |
+| `segment_ids` | [B, L] int32 | 1, 2, ... per packed sample, 0 = padding: attention stays inside a segment |
+| `images` | [B, T, 729, 588] float | crops of every sample of the row; an all -1 crop is padding |
+| `image_masks` | [B, T, 729] int32 | the processor's masks |
+| `image_input_idx` | [B, T, 196] int32 | row positions of the pooled features, -1 unused |
+
+The loss is the token cross-entropy summed over weighted positions and divided by their number in
+the whole global batch (so gradient accumulation gives the same step as one big batch). Logits are
+computed `loss_chunk` positions at a time under `jax.checkpoint`, so neither the forward nor the
+backward pass holds float32 logits for the whole batch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ..model import JinaVLM, JinaVLMConfig
+from ..model.layers import constrain
+from ..model.text import SegmentMask
+from ..sharding import named, param_shardings, use_mesh
+from .optim import ParamGroups
+
+BATCH_KEYS = ("input_ids", "labels", "weights", "positions", "segment_ids", "images", "image_masks",
+              "image_input_idx")
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int):
+    """(sum of weighted token losses, sum of weighted correct argmaxes) for hidden states h [B, C, D]."""
+    logits = model.apply({"params": params}, h, method=JinaVLM.logits_from_hidden).astype(jnp.float32)
+    labels = jnp.clip(labels, 0, vocab - 1)  # padding (-1) and image tokens carry weight 0
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    loss = (lse - picked) * weights
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights
+    return loss.sum(), correct.sum()
+
+
+def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: int):
+    """Cross-entropy sums over [B, L] positions, `chunk` positions at a time.
+
+    Each chunk's logits are recomputed in the backward pass (`jax.checkpoint`), so peak memory holds
+    one chunk of float32 logits [B, chunk, vocab] instead of [B, L, vocab].
+    """
+    b, l, d = h.shape
+    if chunk <= 0 or chunk >= l:
+        return _xent_sums(model, params, h, labels, weights, vocab)
+    n = -(-l // chunk)
+    pad = n * chunk - l
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+    hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ys = labels.reshape(b, n, chunk).swapaxes(0, 1)
+    ws = weights.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        hc, yc, wc = xs
+        hc = constrain(hc, ("act_batch", "act_length", "act_embed"))
+        loss, correct = _xent_sums(model, params, hc, yc, wc, vocab)
+        return (carry[0] + loss, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, correct), _ = jax.lax.scan(body, (zero, zero), (hs, ys, ws))
+    return loss, correct
+
+
+def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int) -> dict:
+    """Forward pass of one (micro-)batch -> {'loss_sum', 'correct', 'tokens'} (all float32 scalars)."""
+    images = batch.get("images")
+    if images is not None:
+        x = model.apply({"params": params}, batch["input_ids"], images, batch["image_masks"],
+                        batch["image_input_idx"], method=JinaVLM.embed_inputs)
+    else:
+        x = model.apply({"params": params}, batch["input_ids"], method=JinaVLM.embed_inputs)
+    mask = SegmentMask(batch["segment_ids"])     # causal within packed samples; splash takes it as is
+    h, _ = model.apply({"params": params}, x, batch["positions"], mask, method=JinaVLM.decode_hidden)
+    weights = batch["weights"].astype(jnp.float32)
+    loss, correct = chunked_xent(model, params, h, batch["labels"], weights, model.config.text.vocab_size,
+                                 loss_chunk)
+    return {"loss_sum": loss, "correct": correct, "tokens": weights.sum()}
+
+
+# ---------------------------------------------------------------------------------------- steps
+
+@dataclass
+class StepFns:
+    """Compiled-on-first-call train / eval steps and the shardings they use."""
+
+    train: Callable[[dict, dict], tuple[dict, dict]]
+    eval: Callable[[dict, dict], dict]
+    state_shardings: Any
+    batch_shardings: Callable[[dict], dict]
+    mesh: Mesh
+    jitted: Callable[[str, dict], Any]   # ("train" | "eval", batch) -> the cached jax.jit (AOT lowers it)
+
+
+def state_shardings(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    abstract_params: Any) -> dict:
+    """Shardings of {'step', 'params', 'opt_state'}: optimizer moments follow their params, the rest
+    (counters) is replicated.
+
+    A moment is recognised by its tree path ending in a param's path (optax nests the moments of
+    multi_transform / chain under extra levels) with the param's shape.
+    """
+    p_shard = param_shardings(model_cfg, mesh)
+    replicated = NamedSharding(mesh, P())
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                                jax.tree_util.tree_leaves(p_shard)):
+        by_path[_dict_keys(path)] = (tuple(leaf.shape), sh)
+    opt_shapes = jax.eval_shape(tx.init, abstract_params)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    opt_shard = jax.tree_util.tree_map_with_path(pick, opt_shapes)
+    return {"step": replicated, "params": p_shard, "opt_state": opt_shard}
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows over the batch mesh axes (data, fsdp), everything else replicated."""
+    return named(mesh, ("act_batch",) + (None,) * (ndim - 1))
+
+
+def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, groups: ParamGroups,
+               mesh: Mesh, abstract_params: Any, *, grad_accum: int = 1, loss_chunk: int = 1024) -> StepFns:
+    """Build the jitted train and eval steps for this model, optimizer and mesh.
+
+    train(state, batch) -> (state, metrics): the state is donated; metrics are replicated scalars
+    (loss, accuracy, tokens, grad_norm, lr/<group>). eval(state, batch) -> sums for held-out loss.
+    Call both under `sharding.use_mesh(mesh)` with global arrays (see `put_batch`).
+    """
+    model = JinaVLM(model_cfg)
+    trainable = groups.trainable_mask()
+    shardings = state_shardings(model_cfg, tx, mesh, abstract_params)
+    replicated = NamedSharding(mesh, P())
+
+    def frozen_stopped(params):
+        # Frozen groups get no gradient at all: XLA then drops their backward computation.
+        return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+    def micro_loss(params, mb):
+        sums = loss_sums(model, frozen_stopped(params), mb, loss_chunk)
+        return sums["loss_sum"], sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch):
+        params = state["params"]
+        if grad_accum == 1:
+            (_, sums), grads = grad_fn(params, batch)
+        else:
+            def split(x):
+                # Row r of micro-batch a is row r * grad_accum + a: every micro-batch keeps the
+                # batch sharding (each device holds its share of every micro-batch).
+                x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+            mbs = jax.tree_util.tree_map(split, batch)
+
+            def body(carry, mb):
+                g_acc, s_acc = carry
+                (_, sums), g = grad_fn(params, mb)
+                return (jax.tree_util.tree_map(jnp.add, g_acc, g),
+                        jax.tree_util.tree_map(jnp.add, s_acc, sums)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            zs = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "tokens")}
+            (grads, sums), _ = jax.lax.scan(body, (zeros, zs), mbs)
+        denom = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g, t: g / denom if t else jnp.zeros_like(g), grads, trainable)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        step = state["step"]
+        metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct"] / denom,
+                   "tokens": sums["tokens"], "grad_norm": grad_norm}
+        metrics.update({f"lr/{k}": v for k, v in groups.learning_rates(step).items()})
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state}, metrics
+
+    def eval_step(state, batch):
+        return loss_sums(model, state["params"], batch, loss_chunk)
+
+    def batch_shardings(batch: dict) -> dict:
+        return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+    cache: dict = {}
+
+    def jitted(kind: str, batch: dict):
+        key = (kind, tuple(sorted((k, np.shape(v)) for k, v in batch.items())))
+        if key not in cache:
+            bs = batch_shardings(batch)
+            if kind == "train":
+                cache[key] = jax.jit(train_step, in_shardings=(shardings, bs),
+                                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+            else:
+                cache[key] = jax.jit(eval_step, in_shardings=(shardings, bs), out_shardings=replicated)
+        return cache[key]
+
+    def run(kind: str):
+        def call(state, batch):
+            # The model's logical constraints resolve on this mesh only inside use_mesh.
+            with use_mesh(mesh):
+                return jitted(kind, batch)(state, batch)
+        return call
+
+    return StepFns(train=run("train"), eval=run("eval"), state_shardings=shardings,
+                   batch_shardings=batch_shardings, mesh=mesh, jitted=jitted)
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows (numpy) -> global jax arrays sharded over the batch axes of `mesh`.
+
+    Every process passes its own consecutive block of rows (process p holds rows [p*b, (p+1)*b) of
+    the global batch, in the mesh's device order), so one process or many build the same batch.
+    """
+    out = {}
+    n_proc = jax.process_count()
+    for k, v in batch.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * n_proc,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, global_shape)
+    return out
+
+
+def init_state(tx: optax.GradientTransformation, shardings: dict, params) -> dict:
+    """The train state {'step', 'params', 'opt_state'} in its shardings, from placed `params`."""
+    mesh = jax.tree_util.tree_leaves(shardings["step"])[0].mesh
+    with use_mesh(mesh):
+        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def random_params(model_cfg: JinaVLMConfig, mesh: Mesh, seed: int):
+    """Randomly initialised params (`init_params` with this seed), created directly in their shardings.
+
+    The compiled initializer is cached per (config, mesh): several runs in one process compile it once.
+    """
+    fn = _initializer(model_cfg, mesh)  # (built outside use_mesh: abstract_params cannot run inside it)
+    with use_mesh(mesh):
+        return fn(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh):
+    from ..model import init_params
+    return jax.jit(lambda key: init_params(model_cfg, key), out_shardings=param_shardings(model_cfg, mesh))
+
+
+# ---------------------------------------------------------------------------------------- FLOPs / MFU
+
+# Dense bf16 peak FLOP/s per device by `device_kind` prefix (public spec sheets).
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12), ("NVIDIA L4", 121e12),
+)
+
+
+def peak_flops_per_device(device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device (None when unknown, e.g. CPU: MFU is then not reported)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = getattr(device, "device_kind", "")
+    for prefix, flops in PEAK_FLOPS:
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+def step_flops(cfg: JinaVLMConfig, batch: int, seq_len: int, crops_per_row: int,
+               trainable_vision: bool = True) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward) over every computed
+    position and crop, padding included: 2 FLOPs per multiply-add of every matmul and attention."""
+    t, v, c = cfg.text, cfg.vision, cfg.connector
+    d = t.hidden_size
+    attn_proj = d * (t.n_heads + 2 * t.n_kv_heads) * t.head_dim + t.n_heads * t.head_dim * d
+    per_tok = t.n_layers * (attn_proj + 3 * d * t.mlp_size) + d * t.vocab_size
+    text = 2 * per_tok * batch * seq_len + 2 * 2 * t.n_layers * t.n_heads * t.head_dim * seq_len * seq_len * batch
+    crops = batch * crops_per_row
+    p = v.n_patches
+    vd = v.hidden_size
+    v_tok = v.n_run_layers * (4 * vd * v.n_heads * v.head_dim + 2 * vd * v.mlp_size) + v.patch_dim * vd
+    vision = 2 * v_tok * p * crops + 2 * 2 * v.n_run_layers * v.n_heads * v.head_dim * p * p * crops
+    cin = vd * len(v.vit_layers)
+    pooled = (v.patches_per_side + 1) // 2
+    windows = pooled * pooled * crops
+    hd = c.pool_heads * c.pool_head_dim
+    conn = 2 * windows * (cin * hd + 4 * 2 * cin * hd + hd * hd + 3 * hd * c.projector_size)
+    fwd = text + vision + conn
+    return 3.0 * fwd if trainable_vision else 3.0 * text + fwd - text
+
+
+def count_params(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
