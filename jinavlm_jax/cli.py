@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from . import aot
+
 
 @dataclass(frozen=True)
 class Command:
@@ -365,6 +367,8 @@ register(Command("chat", "multi-turn chat about images on stdin/stdout", _config
 register(Command("efficiency", "the paper's Table 1 (what 2x2 pooling saves) from the compiled model",
                  _configure_efficiency, _run_efficiency))
 
+register(Command("aot", aot.HELP + " (needs the [tpu] extra)", aot.configure, aot.run))
+
 
 # ----------------------------------------------------------------------------------- main
 
@@ -381,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run a subcommand; ValueError / OSError become one line on stderr, exit 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["aot"]:  # key=value overrides may follow options: argparse needs intermixed parsing
+        return aot.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -34,7 +34,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 LANES = 128                    # the kernel's KV blocks are multiples of the TPU lane width
