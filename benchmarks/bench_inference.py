@@ -449,13 +449,19 @@ def check(notes: list[str], dtype: str, what: str, ratio: float, frac: float, of
                      f"{ceiling_text} {100 * ceiling:.0f}% of it on this machine.")
 
 
+ANALYSIS = "## Why the shortfalls"
+
+
 def write_doc(path: Path, results: str) -> None:
+    """Write the generated part; a hand-written section headed ANALYSIS already in the file is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(ANALYSIS):] if ANALYSIS in old else ""
     head = ("# Inference performance\n\nProduced by `benchmarks/bench_inference.py` (random weights, full-size "
             "geometry, one run on this machine, jinavlm-jax and transformers side by side in the same dtype). "
             "Speed ratio > 1 means jinavlm-jax is faster. See the script's docstring for what each row "
             "measures.\n\n")
-    path.write_text(head + results)
+    path.write_text(head + results + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests run on CPU (multi-device ones on simulated CPU devices). With libtpu installed (the [tpu]
+# extra) JAX would otherwise probe for TPU chips on import and log errors; the AOT tests reach libtpu
+# through compile-only topologies, which this does not affect. Subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 def testdata_dir() -> Path | None:
     """Location of the shared golden data: $JINAVLM_TESTDATA, else ../shared/testdata beside the repo."""

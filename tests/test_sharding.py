@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
