@@ -477,8 +477,8 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
                          params, *_inference_inputs(model_cfg, mesh, rows, prompt_len, crops))
     logits0, caches, kv_valid, last_pos = pre
     act = lambda nd: named(mesh, ("act_batch",) + (None,) * (nd - 1))
-    cache_sh = named(mesh, generate.CACHE_AXES)
-    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, cache_sh), caches)
+    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, named(mesh, generate.CACHE_AXES, shape=a.shape)),
+                                    caches)
     args = (model_cfg, prompt_len, True, 0, False, False, params, caches,
             _sds(kv_valid.shape, kv_valid.dtype, act(2)), _sds(logits0.shape, logits0.dtype, act(2)),
             _sds(last_pos.shape, last_pos.dtype, act(1)), _sds((rows,), jnp.uint32, act(1)),

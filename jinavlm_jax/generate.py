@@ -405,7 +405,7 @@ class Generator:
         if self.mesh is None:
             return x
         from .sharding import named
-        return jax.device_put(x, named(self.mesh, axes))
+        return jax.device_put(x, named(self.mesh, axes, shape=np.shape(x)))
 
     # -------------------------------------------------------------------------------- generate
     def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, sampling: Sampling | None = None,

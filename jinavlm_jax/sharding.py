@@ -85,7 +85,7 @@ def param_specs(config, rules=LOGICAL_RULES):
     return nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
     """Drop mesh axes from dims they do not divide (e.g. 8 KV heads on tensor=16): replicate instead."""
     out = []
     for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -100,13 +100,16 @@ def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
     from .model.jinavlm import abstract_params
     shapes = abstract_params(config)
     specs = param_specs(config, rules)
-    return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, _fit(s, a.shape, mesh)), specs, shapes,
+    return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def named(mesh: Mesh, axes: Sequence[str | None], rules=LOGICAL_RULES) -> NamedSharding:
-    """NamedSharding for an activation / input with logical `axes`."""
-    return NamedSharding(mesh, logical_to_spec(axes, rules))
+def named(mesh: Mesh, axes: Sequence[str | None], rules=LOGICAL_RULES, shape: Sequence[int] | None = None
+          ) -> NamedSharding:
+    """NamedSharding for an activation / input with logical `axes` (with `shape`: mesh axes that do
+    not divide a dimension are dropped for it)."""
+    spec = logical_to_spec(axes, rules)
+    return NamedSharding(mesh, spec if shape is None else fit_spec(spec, tuple(shape), mesh))
 
 
 @contextlib.contextmanager

@@ -152,17 +152,21 @@ sharded = sharded_gen.generate(batch, max_new_tokens=8).tokens
 res = {{"greedy": [single, sharded]}}
 q = sharded_gen.params.layers[0]["q"]["kernel"]
 res["q_spec"] = str(q.sharding.spec)
+# tensor=4 over 2 KV heads: the KV heads (and the cache) stay unsplit, the 4 query heads split.
+res["tensor4"] = Generator(cfg, params, make_mesh(data=1, fsdp=2, tensor=4)).generate(batch, max_new_tokens=8).tokens
 print(json.dumps(res))
 """
 
 
 def test_sharded_generation_equals_single_device(testdata):
-    """Acceptance 3: data x fsdp x tensor = 2 x 2 x 2 simulated devices; batch 3 is padded to 4 rows."""
+    """Acceptance 3: data x fsdp x tensor = 2 x 2 x 2 simulated devices; batch 3 is padded to 4 rows.
+    Also 1 x 2 x 4, where tensor exceeds the 2 KV heads (they are replicated, as the rules say)."""
     from conftest import REPO
     res = json.loads(run_8_devices(SHARDED.format(tests=str(REPO / "tests"), testdata=str(testdata))))
     single, sharded = res["greedy"]
     assert single == sharded, f"single-device {single} != sharded {sharded}"
     assert res["q_spec"] == str(jax.sharding.PartitionSpec("fsdp", "tensor", None))
+    assert res["tensor4"] == single, "tensor=4 (more than the 2 KV heads) changed the tokens"
 
 
 def test_compiles_once_for_different_images_in_one_bucket(gen, testdata):
