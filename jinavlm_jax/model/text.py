@@ -156,6 +156,8 @@ class TextModel(nn.Module):
     def decode(self, x, positions, mask, cache_index=0, kv_cache=None):
         """Run all layers. mask: [B, L, S] bool or a SegmentMask (no cache); kv_cache: None or (k, v)
         [layers, B, S, KV, hd]. Returns (hidden, (k, v))."""
+        if isinstance(mask, SegmentMask) and self.attention_impl != "splash" and kv_cache is None:
+            mask = mask.dense()  # once for all layers, not inside the scanned body
         x, kv = self.layers(x, positions, mask, cache_index, kv_cache)
         return self.ln_f(x), kv
 
