@@ -44,8 +44,8 @@ import torch  # noqa: E402
 
 from jinavlm_jax import JinaVLM, JinaVLMConfig, abstract_params  # noqa: E402
 from jinavlm_jax.efficiency import _flops, vision_flops  # noqa: E402
-from jinavlm_jax.generate import (InferenceParams, _decode, _prefill,  # noqa: E402
-                                  abstract_inference_params, cache_bucket)
+from jinavlm_jax.inference import InferenceParams, abstract_inference_params, cache_bucket  # noqa: E402
+from jinavlm_jax.inference.programs import decode_loop_jit, prefill_jit  # noqa: E402
 from jinavlm_jax.model.layers import dtype_of  # noqa: E402
 
 PROMPT = 512
@@ -162,10 +162,10 @@ def _normal(key, shape, dtype):
 
 def text_inference_params(config: JinaVLMConfig) -> InferenceParams:
     """Random decoder params straight in the per-layer layout (no stacked copy held at the same time)."""
-    a = abstract_inference_params(config)
-    shared = {"text": random_tree(a.shared["text"], 0)}
-    layers = tuple(random_tree(a.layers[i], i + 1) for i in range(config.text.n_layers))
-    return InferenceParams(shared, layers)
+    text = abstract_inference_params(config).tree["text"]
+    tree = {k: random_tree(v, 0) for k, v in text.items() if not k.startswith("layers_")}
+    tree.update({f"layers_{i}": random_tree(text[f"layers_{i}"], i + 1) for i in range(config.text.n_layers)})
+    return InferenceParams({"text": tree})
 
 
 def tree_bytes(tree) -> int:
@@ -179,15 +179,14 @@ def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8)) -> di
     params = text_inference_params(config)
     t = config.text
     res = {}
-    weight_bytes = tree_bytes(params.layers) + tree_bytes(
-        {k: v for k, v in params.shared["text"].items() if k not in ("embedding", "new_embedding")})
+    weight_bytes = tree_bytes({k: v for k, v in params.tree["text"].items() if k not in ("embedding", "new_embedding")})
     kv_per_token = 2 * t.n_layers * t.n_kv_heads * t.head_dim * jnp.dtype(dtype_of(config.dtype)).itemsize
     rng = np.random.default_rng(0)
     cache_len = cache_bucket(PROMPT + decode_tokens)
 
     ids = rng.integers(0, t.vocab_size, (1, PROMPT)).astype(np.int32)
     args = (config, cache_len, params, ids, np.ones((1, PROMPT), bool), None, None, None)
-    compiled = _prefill.lower(*args).compile()  # compiled ahead, so the one timed run is a plain run
+    compiled = prefill_jit.lower(*args).compile()  # compiled ahead, so the one timed run is a plain run
     res["prefill_flops"] = _flops(compiled)
     res["prefill_s"] = best_of(lambda: jax.block_until_ready(compiled(*args[2:])), 1)
     del compiled
@@ -204,10 +203,11 @@ def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8)) -> di
             return caches, kv_valid
         logits0 = rng.standard_normal((b, t.vocab_size)).astype(np.float32)
         last = np.full(b, PROMPT - 1, np.int32)
-        dyn = (np.arange(b, dtype=np.uint32), np.float32(1), np.float32(1), np.full(16, -2, np.int32))
+        dyn = (np.arange(b, dtype=np.uint32), np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
+               np.full(16, -2, np.int32))
 
         def decode(n):
-            out = _decode(config, PROMPT, True, 0, False, False, params, *fresh(), logits0, last, *dyn,
+            out = decode_loop_jit(config, PROMPT, False, False, params, *fresh(), logits0, last, *dyn,
                           np.int32(n), np.zeros(b, bool))
             return jax.block_until_ready(out)
 

@@ -443,47 +443,44 @@ def _inference_inputs(model_cfg, mesh, rows: int, prompt_len: int, crops: int):
 
 
 def _inference_params(model_cfg, mesh):
-    import jax
-    from .generate import _layer_sharding, abstract_inference_params, InferenceParams
+    from .inference import abstract_inference_params, inference_config
+    from .inference.params import InferenceParams
     from .sharding import param_shardings
     params = abstract_inference_params(model_cfg)
-    sh = param_shardings(model_cfg, mesh)
-    layer_sh = jax.tree_util.tree_map(_layer_sharding, sh["text"]["layers"])
-    shared_sh = {k: v for k, v in sh.items() if k != "text"}
-    shared_sh["text"] = {k: v for k, v in sh["text"].items() if k != "layers"}
-    return InferenceParams(_with_shardings(params.shared, shared_sh),
-                           tuple(_with_shardings(p, layer_sh) for p in params.layers))
+    return InferenceParams(_with_shardings(params.tree, param_shardings(inference_config(model_cfg), mesh)))
 
 
 def prefill_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int) -> Job:
-    """The real prefill (`generate._prefill`): ViT on every crop, connector, all decoder layers, cache."""
-    from . import generate
+    """The real prefill (`inference.programs.prefill`): ViT on every crop, connector, all decoder layers, cache."""
+    from .inference import programs
     params = _inference_params(model_cfg, mesh)
     args = (model_cfg, cache_len, params) + _inference_inputs(model_cfg, mesh, rows, prompt_len, crops)
     flops = model_flops(model_cfg, rows=rows, seq_len=prompt_len, crops=crops, train=False, logit_positions=1)
     arithmetic = {"param_bytes": _nbytes(params), "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"]}
     static = {"rows": rows, "prompt_len": prompt_len, "crops": crops, "cache_len": cache_len}
-    return Job("prefill", generate._prefill, args, static, flops["total"], "prefill", rows * prompt_len, arithmetic)
+    return Job("prefill", programs.prefill_jit, args, static, flops["total"], "prefill", rows * prompt_len, arithmetic)
 
 
 def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int) -> Job:
-    """The real decode loop (`generate._decode`, greedy) over a full KV cache; one loop body = one token."""
+    """The real decode loop (`inference.programs.decode_loop`, greedy) over a full KV cache; one loop
+    body = one token."""
     import jax
     import jax.numpy as jnp
-    from . import generate
+    from .inference import programs
+    from .inference.generator import MAX_STOP_IDS
     from .sharding import named
     params = _inference_params(model_cfg, mesh)
-    pre = jax.eval_shape(lambda *a: generate._prefill_impl(model_cfg, cache_len, *a),
+    pre = jax.eval_shape(lambda *a: programs.prefill(model_cfg, cache_len, *a),
                          params, *_inference_inputs(model_cfg, mesh, rows, prompt_len, crops))
     logits0, caches, kv_valid, last_pos = pre
     act = lambda nd: named(mesh, ("act_batch",) + (None,) * (nd - 1))
-    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, named(mesh, generate.CACHE_AXES, shape=a.shape)),
+    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, named(mesh, programs.CACHE_AXES, shape=a.shape)),
                                     caches)
-    args = (model_cfg, prompt_len, True, 0, False, False, params, caches,
+    args = (model_cfg, prompt_len, False, False, params, caches,
             _sds(kv_valid.shape, kv_valid.dtype, act(2)), _sds(logits0.shape, logits0.dtype, act(2)),
             _sds(last_pos.shape, last_pos.dtype, act(1)), _sds((rows,), jnp.uint32, act(1)),
-            _sds((), jnp.float32), _sds((), jnp.float32), _sds((generate.MAX_STOP_IDS,), jnp.int32),
-            _sds((), jnp.int32), _sds((rows,), jnp.bool_, act(1)))
+            _sds((rows,), jnp.float32, act(1)), _sds((rows,), jnp.int32, act(1)), _sds((rows,), jnp.float32, act(1)),
+            _sds((MAX_STOP_IDS,), jnp.int32), _sds((), jnp.int32), _sds((rows,), jnp.bool_, act(1)))
     t = model_cfg.text
     # One token per row: 2 x params; attention over the whole cache (the XLA path reads every slot).
     f = model_flops(model_cfg, rows=rows, seq_len=1, crops=0, train=False)["text"]
@@ -493,9 +490,9 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
     # one-time work outside the loop (the cache relayout before and after it), so it is not used.
     arithmetic = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(caches),
                   "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"],
-                  "bytes_per_step": _shard_bytes((params.shared["text"], params.layers, caches))}
+                  "bytes_per_step": _shard_bytes((params.tree["text"], caches))}
     static = {"rows": rows, "prompt_len": prompt_len, "cache_len": cache_len, "sampling": "greedy"}
-    return Job("decode", generate._decode, args, static, float(f), "decode step", rows, arithmetic)
+    return Job("decode", programs.decode_loop_jit, args, static, float(f), "decode step", rows, arithmetic)
 
 
 # ---------------------------------------------------------------------------------------- compile
@@ -648,7 +645,7 @@ def plan(args) -> tuple:
     if args.job == "train":
         job = train_job(cfg, model_cfg, mesh, args.batch_per_chip)
     else:
-        from .generate import cache_bucket, prompt_bucket
+        from .inference import cache_bucket, prompt_bucket
         crops = args.crops
         prompt_len = prompt_bucket(args.prompt_len)
         cache_len = cache_bucket(prompt_len + args.max_new_tokens)

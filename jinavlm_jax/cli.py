@@ -370,6 +370,17 @@ register(Command("efficiency", "the paper's Table 1 (what 2x2 pooling saves) fro
 register(Command("aot", aot.HELP + " (needs the [tpu] extra)", aot.configure, aot.run))
 
 
+def _serve(name: str):
+    def call(*a):
+        from .serve import cli as serve_cli
+        return getattr(serve_cli, name)(*a)
+    return call
+
+
+register(Command("serve", "serve the model over an OpenAI-compatible HTTP API (needs the [serve] extra)",
+                 _serve("configure"), _serve("run")))
+
+
 # ----------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ pooling: 13 x 729 = 9,477 visual tokens against 13 x 182 = 2,366, about 3.9x few
 Here every figure comes from the programs jinavlm-jax runs, lowered on abstract inputs (shapes only,
 no weights materialised) and read from XLA's cost analysis:
 
-* LLM prefill: the generation prefill program (`generate._prefill`, text path) at the visual-token
+* LLM prefill: the generation prefill program (`inference.programs.prefill`, text path) at the visual-token
   length. Its decoder layers are unrolled, so the cost analysis counts all of them. Its FLOPs are
   a * L + b * L^2; a and b are solved from the two lengths. a * L (the linear layers, which is
   2 x params x tokens) is the paper's accounting; b * L^2 is attention over the full L x L score
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .generate import _prefill_impl, abstract_inference_params
+from .inference import abstract_inference_params
+from .inference.programs import prefill
 from .model import JinaVLM, JinaVLMConfig, abstract_params, tokens_per_crop
 from .model.layers import dtype_of
 from .model.vision import VisionBlock
@@ -92,9 +93,9 @@ def _llm_prefill(config: JinaVLMConfig, length: int) -> tuple[float, int]:
     params = abstract_inference_params(config)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-    fn = jax.jit(_prefill_impl, static_argnums=(0, 1))
+    fn = jax.jit(prefill, static_argnums=(0, 1))
     flops = _flops(fn.lower(config, length, params, ids, mask, None, None, None).compile())
-    _, caches, _, _ = jax.eval_shape(lambda p, i, m: _prefill_impl(config, length, p, i, m, None, None, None),
+    _, caches, _, _ = jax.eval_shape(lambda p, i, m: prefill(config, length, p, i, m, None, None, None),
                                      params, ids, mask)
     kv = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(caches))
     return flops, kv

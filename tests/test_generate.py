@@ -16,7 +16,8 @@ import pytest
 from jax import monitoring
 
 from jinavlm_jax import JinaVLM
-from jinavlm_jax.generate import GenerateError, Generator, Sampling, _sample, generate, prompt_bucket
+from jinavlm_jax.generate import GenerateError, Generator, Sampling, generate, prompt_bucket
+from jinavlm_jax.inference import sample
 from jinavlm_jax.model import InputError, causal_mask, positions_from_mask
 from jinavlm_jax.processing import Processor
 
@@ -150,7 +151,7 @@ single = Generator(cfg, params).generate(batch, max_new_tokens=8).tokens
 sharded_gen = Generator(cfg, params, mesh)
 sharded = sharded_gen.generate(batch, max_new_tokens=8).tokens
 res = {{"greedy": [single, sharded]}}
-q = sharded_gen.params.layers[0]["q"]["kernel"]
+q = sharded_gen.params.tree["text"]["layers_0"]["q"]["kernel"]
 res["q_spec"] = str(q.sharding.spec)
 # tensor=4 over 2 KV heads: the KV heads (and the cache) stay unsplit, the 4 query heads split.
 res["tensor4"] = Generator(cfg, params, make_mesh(data=1, fsdp=2, tensor=4)).generate(batch, max_new_tokens=8).tokens
@@ -204,7 +205,7 @@ def test_compiles_once_for_different_images_in_one_bucket(gen, testdata):
 def test_sampling_settings(gen, testdata):
     g = dict(np.load(testdata / "set1_batch.npz"))
     greedy = g["greedy_tokens"].tolist()
-    # top_k=1 leaves only the argmax (top-p alone is checked on _sample below)
+    # top_k=1 leaves only the argmax (top-p alone is checked on `sample` below)
     assert gen.generate(g, max_new_tokens=8, sampling=Sampling(1.0, top_k=1), seed=3).tokens == greedy
     # per-sequence seeds: the same seed on two identical rows gives the same tokens, other seeds differ
     twin = {k: np.concatenate([v[:1], v[:1]]) for k, v in g.items()}
@@ -221,10 +222,12 @@ def test_sample_top_k_top_p_support():
     keys = jax.vmap(jax.random.key)(np.arange(4, dtype=np.uint32))
     top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
     probs = np.asarray(jax.nn.softmax(logits, -1))
+    one, half, k3, k0 = (np.full(4, v, d) for v, d in ((1.0, np.float32), (0.5, np.float32), (3, np.int32),
+                                                       (0, np.int32)))
     for step in range(30):
-        t = np.asarray(_sample(logits, keys, step, 1.0, 0.5, greedy=False, top_k=3, use_top_p=False))
+        t = np.asarray(sample(logits, keys, step, one, k3, one))
         assert all(t[r] in top3[r] for r in range(4))
-        t = np.asarray(_sample(logits, keys, step, 1.0, 0.5, greedy=False, top_k=0, use_top_p=True))
+        t = np.asarray(sample(logits, keys, step, one, k0, half))
         for r in range(4):  # the nucleus: tokens whose preceding mass is < 0.5
             order = np.argsort(-probs[r])
             before = np.cumsum(probs[r][order]) - probs[r][order]

@@ -121,8 +121,11 @@ class JinaVLMConfig:
     (`none`, `full`, `dots_saveable`, `dots_with_no_batch_dims_saveable`), and `attention_impl` for
     the self-attention of both towers: `xla` (einsums, the reference) or `splash` (the Pallas TPU
     flash kernel of `model/splash.py`; interpret mode off TPU; full-sequence calls only, a decode
-    step with a KV cache keeps the XLA path). Layers are always stacked
-    with `nn.scan` (one compiled layer body, params with a leading `layers` axis).
+    step with a KV cache keeps the XLA path). `scan_layers`: the decoder layers stacked with
+    `nn.scan` (True: one compiled layer body, params `text/layers` with a leading layers axis; for
+    training) or applied one by one (False: params `text/layers_0` ... `text/layers_{n-1}` and one KV
+    cache buffer per layer; the layout inference uses, see `inference.prepare_params`). The vision
+    tower is always scanned.
     Change them with `dataclasses.replace(cfg, dtype="bfloat16")` or `cfg.replace(...)`.
     """
 
@@ -134,6 +137,7 @@ class JinaVLMConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:

@@ -16,7 +16,7 @@ from flax import linen as nn
 from .config import JinaVLMConfig
 from .connector import Connector
 from .layers import dtype_of
-from .text import SegmentMask, TextModel, causal_mask, positions_from_mask
+from .text import SegmentMask, TextModel, positions_from_mask
 from .vision import VisionTower
 
 
@@ -34,7 +34,8 @@ class JinaVLM(nn.Module):
         kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
         self.vision = VisionTower(c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.connector = Connector(c.connector, c.vision.patches_per_side, c.text.hidden_size, **kw)
-        self.text = TextModel(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+        self.text = TextModel(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl,
+                              scan_layers=c.scan_layers, **kw)
 
     # ---------------------------------------------------------------- vision side
     def vision_features(self, images: jax.Array) -> jax.Array:
@@ -63,13 +64,9 @@ class JinaVLM(nn.Module):
         x = self.text.embed(input_ids)
         if images is None:
             return x
-        b, l = input_ids.shape
+        b = input_ids.shape[0]
         feats = self.encode_images(images, image_masks)
-        feats = feats.reshape(b, -1, feats.shape[-1]).astype(x.dtype)
-        idx = image_input_idx.reshape(b, -1)
-        idx = jnp.where(idx < 0, l, idx)  # l is out of bounds -> dropped
-        rows = jnp.arange(b)[:, None]
-        return x.at[rows, idx].add(feats, mode="drop")
+        return merge_image_features(x, feats.reshape(b, -1, feats.shape[-1]), image_input_idx.reshape(b, -1))
 
     def __call__(self, input_ids, images=None, image_masks=None, image_input_idx=None,
                  attention_mask=None):
@@ -79,18 +76,16 @@ class JinaVLM(nn.Module):
             attention_mask = input_ids != -1
         x = self.embed_inputs(input_ids, images, image_masks, image_input_idx)
         positions = positions_from_mask(attention_mask)
-        if self.config.attention_impl == "splash":  # the kernel takes padding as segment ids
-            mask = SegmentMask(attention_mask.astype(jnp.int32))
-        else:
-            mask = causal_mask(attention_mask, input_ids.shape[1])
-        h, _ = self.text.decode(x, positions, mask)
+        h, _ = self.text.decode(x, positions, prompt_mask(attention_mask))
         return self.text.logits(h)
 
     # ---------------------------------------------------------------- building blocks for generation
     def decode_hidden(self, x, positions, mask, cache_index=0, kv_cache=None):
-        """Decoder over embeddings x [B, L, D]: returns (final-norm hidden, (k, v) or updated cache).
+        """Decoder over embeddings x [B, L, D]: returns (final-norm hidden, (k, v) or updated caches).
 
-        mask: [B, L, S] bool, or a `text.SegmentMask` for a full sequence (required by splash)."""
+        mask: [B, L, S] bool, or a `text.SegmentMask` for a full sequence (`prompt_mask`; required by
+        splash). A KV cache (one (k, v) [B, S, KV, hd] per layer) needs `scan_layers=False`, the
+        layout of `inference.prepare_params`; see `TextModel.decode`."""
         return self.text.decode(x, positions, mask, cache_index, kv_cache)
 
     def logits_from_hidden(self, h):
@@ -98,6 +93,25 @@ class JinaVLM(nn.Module):
 
     def embed_tokens(self, ids):
         return self.text.embed(ids)
+
+
+def merge_image_features(x: jax.Array, features: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, D] with features [B, N, D] scatter-**added** at positions [B, N] (spec 6.2, trap 6).
+
+    Negative positions (unused windows, whatever their value: spec 9.8 and trap 19) are dropped.
+    """
+    l = x.shape[1]
+    idx = jnp.where(positions < 0, l, positions)  # l is out of bounds -> dropped
+    rows = jnp.arange(x.shape[0])[:, None]
+    return x.at[rows, idx].add(features.astype(x.dtype), mode="drop")
+
+
+def prompt_mask(attention_mask: jax.Array) -> SegmentMask:
+    """The self-attention mask of a (left-padded) prompt [B, L]: causal among its real tokens.
+
+    Given as a `SegmentMask`, which the splash kernel takes directly and the XLA path expands once to
+    the dense [B, L, L] mask (`TextModel.decode`)."""
+    return SegmentMask(attention_mask.astype(jnp.int32))
 
 
 # -------------------------------------------------------------------- params and input checks

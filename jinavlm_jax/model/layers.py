@@ -151,6 +151,13 @@ _POLICIES: dict[str, Callable | None] = {
 }
 
 
+def remat_layer(layer_cls: type[nn.Module], remat_policy: str) -> type[nn.Module]:
+    """The layer class wrapped in `nn.remat` with the named policy ('none': unchanged)."""
+    if remat_policy == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=_POLICIES[remat_policy], prevent_cse=False)
+
+
 def stack_layers(layer_cls: type[nn.Module], n: int, *, remat_policy: str, in_axes: tuple = ()):
     """`n` copies of a layer as one `nn.scan` (params stacked on a leading 'layers' axis).
 
@@ -158,8 +165,5 @@ def stack_layers(layer_cls: type[nn.Module], n: int, *, remat_policy: str, in_ax
     `nn.broadcast` or a scanned axis. `remat_policy` != 'none' wraps the layer body in `nn.remat`
     with that policy, so the backward pass recomputes what the policy does not save.
     """
-    cls = layer_cls
-    if remat_policy != "none":
-        cls = nn.remat(cls, policy=_POLICIES[remat_policy], prevent_cse=False)
-    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(remat_layer(layer_cls, remat_policy), variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=in_axes, length=n, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import TextConfig
-from .layers import Dense, Dtype, RMSNorm, attention, constrain, rope, stack_layers
+from .layers import Dense, Dtype, RMSNorm, attention, constrain, remat_layer, rope, stack_layers
 
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -53,7 +53,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
         """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool or a SegmentMask
-        (no cache); kv_cache None or (k, v) [B, S, KV, hd].
+        (no cache); kv_cache None or (k, v) [B, S, KV, hd], written at `cache_index` (see write_cache).
 
         Returns (x, (k, v)): the K/V of these L tokens (no cache) or the updated cache. K/V are
         cached after QK-norm and RoPE (spec 6.5).
@@ -71,10 +71,7 @@ class DecoderLayer(nn.Module):
         if kv_cache is None:
             keys, values = k, v
         else:
-            ck, cv = kv_cache
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            keys, values = (write_cache(c_, new, cache_index) for c_, new in zip(kv_cache, (k, v)))
         a = self._attend(q, keys, values, mask, kv_cache is not None)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out",
@@ -107,6 +104,18 @@ class DecoderLayer(nn.Module):
         return attention(q, k, v, mask, self.dtype)
 
 
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """new [B, L, KV, hd] written into cache [B, S, KV, hd] at slot `index`: one int for every row
+    (generate's batch, whose rows share one length), or an int array [B] with one slot per row (the
+    serving engine's decode slots, each at its own length; slots past S are dropped)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+    rows = jnp.arange(cache.shape[0])[:, None]
+    cols = jnp.asarray(index)[:, None] + jnp.arange(new.shape[1])[None, :]
+    return cache.at[rows, cols].set(new, mode="drop")
+
+
 def causal_mask(kv_valid: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
     """[B, S] valid key slots -> [B, q_len, S] mask: query i sits in slot q_offset + i (causal)."""
     s = kv_valid.shape[-1]
@@ -128,6 +137,7 @@ class TextModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = True
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -137,9 +147,13 @@ class TextModel(nn.Module):
         self.new_embedding = self.param("new_embedding",
                                         nn.with_logical_partitioning(init, (None, "embed")),
                                         (c.additional_vocab_size, c.hidden_size), self.param_dtype)
-        stack = stack_layers(DecoderLayer, c.n_layers, remat_policy=self.remat_policy,
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
-        self.layers = stack(c, attention_impl=self.attention_impl, name="layers", **kw)
+        if self.scan_layers:
+            stack = stack_layers(DecoderLayer, c.n_layers, remat_policy=self.remat_policy,
+                                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
+            self.layers = stack(c, attention_impl=self.attention_impl, name="layers", **kw)
+        else:  # params text/layers_0 ... layers_{n-1}: each layer reads its own buffers in place
+            layer = remat_layer(DecoderLayer, self.remat_policy)
+            self.layers = [layer(c, attention_impl=self.attention_impl, **kw) for _ in range(c.n_layers)]
         self.ln_f = RMSNorm(c.norm_eps, **kw)
         self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32, **kw)
 
@@ -154,12 +168,26 @@ class TextModel(nn.Module):
         return constrain(x, ACT)
 
     def decode(self, x, positions, mask, cache_index=0, kv_cache=None):
-        """Run all layers. mask: [B, L, S] bool or a SegmentMask (no cache); kv_cache: None or (k, v)
-        [layers, B, S, KV, hd]. Returns (hidden, (k, v))."""
+        """Run all layers. mask: [B, L, S] bool or a SegmentMask (no cache).
+
+        Scanned layout: no cache; returns (hidden, (k, v)) with K/V stacked [layers, B, L, KV, hd].
+        Per-layer layout (`scan_layers=False`): kv_cache None or one (k, v) [B, S, KV, hd] per layer,
+        written at `cache_index` (an int, or [B] slots; see write_cache); returns (hidden, one (k, v)
+        per layer): the prompt's K/V, or the updated caches.
+        """
         if isinstance(mask, SegmentMask) and self.attention_impl != "splash" and kv_cache is None:
             mask = mask.dense()  # once for all layers, not inside the scanned body
-        x, kv = self.layers(x, positions, mask, cache_index, kv_cache)
-        return self.ln_f(x), kv
+        if self.scan_layers:
+            if kv_cache is not None:
+                raise ValueError("decoding with a KV cache needs the per-layer layout: "
+                                 "config.replace(scan_layers=False) and inference.prepare_params(params)")
+            x, kv = self.layers(x, positions, mask, cache_index, None)
+            return self.ln_f(x), kv
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, mask, cache_index, None if kv_cache is None else kv_cache[i])
+            kvs.append(kv)
+        return self.ln_f(x), tuple(kvs)
 
     def logits(self, h: jax.Array) -> jax.Array:
         return constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))

@@ -129,10 +129,7 @@ class Processor:
         for b, (text, imgs) in enumerate(zip(prompts, per_sample)):
             if not isinstance(text, str):
                 raise PromptError(f"sample {b}: prompt must be a string, got {type(text).__name__}")
-            ids = np.asarray(self.tokenizer.encode(text), np.int64)
-            if len(ids) and ids[-1] == self.tokenizer.special.eos:
-                ids = ids[:-1]   # official: a sequence ending in EOS is training data; the input drops it
-            samples.append(self._build(ids, None, imgs, b))
+            samples.append(self._build(self._prompt_ids(text), None, imgs, b))
         return self._collate(samples, padding_side, pad_crops_to, pad_length_to)
 
     def training_batch(self, conversations: Sequence[Sequence[Message]], images=None,
@@ -168,19 +165,53 @@ class Processor:
     def _build(self, ids: np.ndarray, is_answer: np.ndarray | None, images: list, b: int) -> _Sample:
         """Expand image placeholders, prepend BOS, shift indices; with `is_answer` (training) the
         last token is dropped from the input and every input position gets its next-token label."""
-        image_id = self.tokenizer.special.image
-        where = np.flatnonzero(ids == image_id)
-        if len(where) != len(images):
-            raise PromptError(f"sample {b}: the prompt has {len(where)} {'<|image|>'} placeholder(s) but "
-                              f"{len(images)} image(s) were given; put exactly one <|image|> per image in "
-                              "the prompt (apply_chat_template does this for {'type': 'image'} parts)")
+        self._check_placeholders(ids, len(images), b)  # before the pixel work
         feats = []
         for k, image in enumerate(images):
             try:
                 feats.append(self.image_processor.process(image))
             except ImageInputError as e:
                 raise ImageInputError(f"sample {b}, image {k}: {e}") from None
+        seq, idx, labels, loss_mask = self._layout(ids, is_answer, feats, b)
+        n = self.config
+        return _Sample(
+            input_ids=seq,
+            images=(np.concatenate([f["images"] for f in feats]) if feats
+                    else np.zeros((0, n.n_patches, n.patch_dim), np.float32)),
+            image_masks=(np.concatenate([f["image_masks"] for f in feats]) if feats
+                         else np.zeros((0, n.n_patches), np.float32)),
+            image_input_idx=idx, labels=labels, loss_mask=loss_mask)
 
+    def prompt_layout(self, prompt: str, images: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt whose images are already processed -> (input_ids int64 [n], image_input_idx
+        int64 [T, 196] with absolute positions, -1 unused), unpadded: the token layout of `__call__`
+        without the pixels.
+
+        `images`: per `<|image|>`, the output of `image_processor.process` or any mapping with its
+        `image_tokens` and `image_input_idx` (a serving cache keeps these and the image features, and
+        needs no pixels for an image it has seen)."""
+        seq, idx, _, _ = self._layout(self._prompt_ids(prompt), None, list(images), 0)
+        return seq, idx
+
+    def _prompt_ids(self, text: str) -> np.ndarray:
+        ids = np.asarray(self.tokenizer.encode(text), np.int64)
+        if len(ids) and ids[-1] == self.tokenizer.special.eos:
+            ids = ids[:-1]   # official: a sequence ending in EOS is training data; the input drops it
+        return ids
+
+    def _check_placeholders(self, ids: np.ndarray, n_images: int, b: int) -> np.ndarray:
+        """Positions of the `<|image|>` placeholders; PromptError unless there is one per image."""
+        where = np.flatnonzero(ids == self.tokenizer.special.image)
+        if len(where) != n_images:
+            raise PromptError(f"sample {b}: the prompt has {len(where)} {'<|image|>'} placeholder(s) but "
+                              f"{n_images} image(s) were given; put exactly one <|image|> per image in "
+                              "the prompt (apply_chat_template does this for {'type': 'image'} parts)")
+        return where
+
+    def _layout(self, ids: np.ndarray, is_answer: np.ndarray | None, feats: list, b: int):
+        """Token layout (spec 6.1 steps 1-4) of ids whose `<|image|>` placeholders get the processed
+        images' token blocks -> (input ids, image_input_idx [T, 196], labels, loss_mask)."""
+        where = self._check_placeholders(ids, len(feats), b)
         pieces, flags, idx = [np.array([self.bos_id], np.int64)], [np.zeros(1, bool)], []
         length, prev = 1, 0
         answer = np.zeros(len(ids), bool) if is_answer is None else is_answer
@@ -208,15 +239,8 @@ class Processor:
             raise PromptError(f"sample {b}: {len(seq)} tokens ({len(seq) - n_image} text + {n_image} image) "
                               f"exceed the model's max sequence length {self.max_length}; shorten the "
                               "prompt, use fewer or smaller images, or lower max_crops")
-        n = self.config
-        return _Sample(
-            input_ids=seq,
-            images=(np.concatenate([f["images"] for f in feats]) if feats
-                    else np.zeros((0, n.n_patches, n.patch_dim), np.float32)),
-            image_masks=(np.concatenate([f["image_masks"] for f in feats]) if feats
-                         else np.zeros((0, n.n_patches), np.float32)),
-            image_input_idx=(np.concatenate(idx) if idx else np.zeros((0, n.tokens_per_crop), np.int64)),
-            labels=labels, loss_mask=loss_mask)
+        idx = np.concatenate(idx) if idx else np.zeros((0, self.config.tokens_per_crop), np.int64)
+        return seq, idx, labels, loss_mask
 
     # ------------------------------------------------------------------ batch (spec 6.1 step 5)
     def _collate(self, samples: list[_Sample], padding_side: str, pad_crops_to, pad_length_to

@@ -1,0 +1,37 @@
+"""Shape buckets: prompts, crops and caches are padded to a few sizes so that jit compiles rarely."""
+from __future__ import annotations
+
+CROP_MULTIPLE = 13  # thumbnail + 12 tiles: the released processor's crops for one image
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prompt_bucket(n: int, minimum: int = 32) -> int:
+    """Padded prompt length: a power of two up to 1024, then a multiple of 1024 (bounded waste)."""
+    n = max(int(n), minimum)
+    return _next_pow2(n) if n <= 1024 else -(-n // 1024) * 1024
+
+
+def prompt_buckets(max_length: int, minimum: int = 32) -> list[int]:
+    """Every prompt bucket a prompt of at most `max_length` tokens can land in, ascending."""
+    out, n = [], minimum
+    while True:
+        b = prompt_bucket(n, minimum)
+        out.append(b)
+        if b >= max_length:
+            return out
+        n = b + 1
+
+
+def crop_bucket(n: int, multiple: int = CROP_MULTIPLE) -> int:
+    """Padded crop count: the smaller of the next power of two and the next multiple of `multiple`."""
+    if n <= 0:
+        return 0
+    return min(_next_pow2(n), -(-n // multiple) * multiple)
+
+
+def cache_bucket(n: int) -> int:
+    """KV-cache length: the next power of two."""
+    return _next_pow2(n)

@@ -1,0 +1,128 @@
+"""The compiled pieces of generation, built on the model's own decoder API (`JinaVLM.decode_hidden`
+with one KV cache buffer per layer; spec 6.5).
+
+* `prompt_forward`: embeddings of a (left-padded) prompt -> last-position logits and every layer's K/V;
+* `decode_step`: one token per row over the KV caches (written at one slot for all rows, or one per row);
+* `prefill` / `decode_loop`: `generate()`'s two programs: the prompt with its images into a cache of
+  `cache_length` slots, then a `lax.while_loop` that feeds one token per step (images are not seen
+  again), writes its K/V at slot `prompt_length + step` and stops early once every row has produced a
+  stop id. No Python runs per token (unless a streaming callback is asked for: one `io_callback` per step).
+
+The serving engine (`engine.py`) composes the same pieces into its prefill / insert / generate programs.
+"""
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from ..model import JinaVLM, JinaVLMConfig, positions_from_mask, prompt_mask
+from ..model.layers import constrain
+from .params import InferenceParams, inference_config
+from .sampling import row_keys, sample
+
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", None)
+
+
+def model_for(config: JinaVLMConfig) -> JinaVLM:
+    """The model in the per-layer layout that InferenceParams hold."""
+    return JinaVLM(inference_config(config))
+
+
+def prompt_forward(config: JinaVLMConfig, params: InferenceParams, x, attention_mask):
+    """Prompt embeddings x [B, L, D] (left padded) -> (last-position logits [B, V] float32, one (k, v)
+    [B, L, KV, hd] per layer, positions [B, L])."""
+    model, v = model_for(config), {"params": params.tree}
+    positions = positions_from_mask(attention_mask)
+    h, kvs = model.apply(v, x, positions, prompt_mask(attention_mask), method=JinaVLM.decode_hidden)
+    logits = model.apply(v, h[:, -1:], method=JinaVLM.logits_from_hidden)[:, 0]
+    return logits, kvs, positions
+
+
+def decode_step(config: JinaVLMConfig, params: InferenceParams, tokens, positions, caches, kv_valid, slot):
+    """One token per row: tokens [B] (negative = none, reads row 0), positions [B], caches one (k, v)
+    [B, S, KV, hd] per layer, kv_valid [B, S] (the slot being written already marked), slot an int or
+    [B]. Returns (logits [B, V] float32, updated caches)."""
+    model, v = model_for(config), {"params": params.tree}
+    x = model.apply(v, jnp.maximum(tokens, 0)[:, None], method=JinaVLM.embed_tokens)
+    h, caches = model.apply(v, x, positions[:, None], kv_valid[:, None, :], slot, caches,
+                            method=JinaVLM.decode_hidden)
+    caches = tuple((constrain(k, CACHE_AXES), constrain(c, CACHE_AXES)) for k, c in caches)
+    return model.apply(v, h, method=JinaVLM.logits_from_hidden)[:, 0], caches
+
+
+def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, input_ids, attention_mask,
+            images, image_masks, image_input_idx):
+    """Prompt [B, L] (left padded) with its images -> (last-position logits [B, V], caches of
+    `cache_length` slots, kv_valid [B, S], last positions [B])."""
+    x = model_for(config).apply({"params": params.tree}, input_ids, images, image_masks, image_input_idx,
+                                method=JinaVLM.embed_inputs)
+    logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
+    pad = ((0, 0), (0, cache_length - input_ids.shape[1]), (0, 0), (0, 0))
+    caches = tuple((constrain(jnp.pad(k, pad), CACHE_AXES), constrain(jnp.pad(v, pad), CACHE_AXES))
+                   for k, v in kvs)
+    kv_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, cache_length - input_ids.shape[1])))
+    return logits, caches, kv_valid, positions[:, -1]
+
+
+prefill_jit = jax.jit(prefill, static_argnums=(0, 1))
+
+
+# A streaming callback is one Python function shared by every compiled decode loop; it forwards to
+# the sink of the running generate() call (one call at a time, hence the lock).
+STREAM_LOCK = threading.Lock()
+_SINK: list[Callable | None] = [None]
+
+
+def set_stream_sink(sink: Callable[[int, np.ndarray], None] | None) -> None:
+    """Where decode loops compiled with stream=True send (step, tokens); hold STREAM_LOCK around a call."""
+    _SINK[0] = sink
+
+
+def _emit(step, tokens):
+    sink = _SINK[0]
+    if sink is not None:
+        sink(int(step), np.asarray(tokens))
+
+
+def decode_loop(config: JinaVLMConfig, prompt_length: int, filtered: bool, stream: bool, params: InferenceParams,
+                caches, kv_valid, logits0, last_pos, seeds, temperature, top_k, top_p, stop_ids, max_new, done0):
+    """The decode loop. Returns (tokens [B, S - prompt_length] with -1 after a row stopped, steps, caches,
+    kv_valid). The caches come back so that the donated input buffers alias the outputs: the loop
+    then updates them in place instead of copying them first."""
+    b, s = kv_valid.shape
+    draw = partial(sample, keys=row_keys(seeds), temperature=temperature, top_k=top_k, top_p=top_p,
+                   filtered=filtered)
+    is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
+
+    tok = draw(logits0, step=0)
+    out = jnp.full((b, s - prompt_length), -1, jnp.int32).at[:, 0].set(tok)
+    done = done0 | is_stop(tok)
+    if stream:
+        io_callback(_emit, None, 0, tok, ordered=True)
+
+    def cond(c):
+        i, _, _, done, _, _ = c
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, out, done, caches, kv_valid = c
+        slot = prompt_length + i - 1  # the slot of the token fed now (the one sampled at step i - 1)
+        kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((b, 1), bool), (0, slot))
+        logits, caches = decode_step(config, params, tok, last_pos + i, caches, kv_valid, slot)
+        nxt = jnp.where(done, -1, draw(logits, step=i))
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        if stream:
+            io_callback(_emit, None, i, nxt, ordered=True)
+        return i + 1, nxt, out, done | is_stop(nxt), caches, kv_valid
+
+    i, _, out, _, caches, kv_valid = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, caches, kv_valid))
+    return out, i, caches, kv_valid
+
+
+decode_loop_jit = jax.jit(decode_loop, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
