@@ -47,41 +47,9 @@ def set1(testdata, tmp_path_factory):
     return load_jina_vlm(d)
 
 
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    """A random RGB image as PNG bytes (noise: every crop differs)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-    a = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory) -> Path:
-    """A self-contained tiny model directory (no golden data needed): a byte-level BPE tokenizer
-    trained on a few words, config.json and preprocessor_config.json (max_crops=1: an image is a
-    thumbnail and one tile), and random tiny params as an Orbax checkpoint in `ckpt/`."""
-    import dataclasses
-    import json
-
-    import numpy as np
-
-    from jinavlm_jax import JinaVLMConfig, checkpoint, init_params
-    from jinavlm_jax.data.tokenizer import train_bpe_tokenizer
-    from jinavlm_jax.processing import PreprocessConfig
-
-    d = tmp_path_factory.mktemp("tiny_vlm")
-    words = ("red green blue circle square triangle one two three left right top bottom what colour is the "
-             "shape how many where").split()
-    rng = np.random.default_rng(0)
-    tok = train_bpe_tokenizer([" ".join(rng.choice(words, 8)) for _ in range(300)], d, 300)
-    cfg = JinaVLMConfig.tiny()
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok["vocab_size"],
-                                               additional_vocab_size=tok["additional_vocab_size"]))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    (d / "preprocessor_config.json").write_text(json.dumps(PreprocessConfig(max_crops=1).to_hf()))
-    checkpoint.save(d / "ckpt", cfg, init_params(cfg, 0))
-    return d
+    """A self-contained tiny model directory (no golden data needed): `testing.write_model_dir` with
+    max_crops=1 (an image is a thumbnail and one tile)."""
+    from jinavlm_jax.testing import write_model_dir
+    return write_model_dir(tmp_path_factory.mktemp("tiny_vlm"), max_crops=1)

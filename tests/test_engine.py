@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from conftest import png_bytes
 from jinavlm_jax import checkpoint
 from jinavlm_jax.generate import Sampling, generate
 from jinavlm_jax.inference.engine import Engine, QueueFull, RequestError
 from jinavlm_jax.processing import Processor
+from jinavlm_jax.testing import png_bytes
 
 COMPILED = "/jax/core/compile/backend_compile_duration"
 

@@ -21,10 +21,10 @@ import time
 import httpx
 import pytest
 
-from conftest import png_bytes
 from jinavlm_jax import checkpoint
 from jinavlm_jax.generate import generate
 from jinavlm_jax.processing import Processor
+from jinavlm_jax.testing import png_bytes
 
 openai = pytest.importorskip("openai", reason="the [test] extra (openai client) is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model import JinaVLM, JinaVLMConfig, merge_image_features
-from ..model.layers import dtype_of
+from ..model.layers import constrain, dtype_of
 from .buckets import crop_bucket, prompt_bucket, prompt_buckets
 from .params import InferenceParams, prepare_params
 from .placement import mesh_context, put
@@ -103,6 +103,14 @@ class DecodeState(NamedTuple):
     top_p: jax.Array
 
 
+def constrain_state(state: DecodeState) -> DecodeState:
+    """The state's layout on a mesh (slots over data x fsdp, KV heads over tensor), so that every
+    program returns it exactly as the next one takes it (no-op without a mesh)."""
+    vec = lambda a: constrain(a, STATE_AXES)
+    return DecodeState(tuple((constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)) for k, v in state.caches),
+                       constrain(state.kv_valid, STATE_AXES + (None,)), *(vec(a) for a in state[2:]))
+
+
 def encode_images(config: JinaVLMConfig, params: InferenceParams, images, image_masks):
     """One image's crops [1, T, 729, 588], [1, T, 729] -> connector features [T, 196, D]."""
     return model_for(config).apply({"params": params.tree}, images, image_masks, method=JinaVLM.encode_images)[0]
@@ -131,10 +139,10 @@ def insert(prefix: Prefix, state: DecodeState, slot, seed, temperature, top_k, t
 
     caches = tuple((place(ck, k), place(cv, v)) for (ck, cv), (k, v) in zip(state.caches, prefix.caches))
     at = lambda a, v: a.at[slot].set(v)
-    return DecodeState(
+    return constrain_state(DecodeState(
         caches, at(state.kv_valid, jnp.arange(s) < n), at(state.lengths, n), at(state.tokens, prefix.token[0]),
         at(state.steps, 1), at(state.seeds, seed), at(state.temperature, temperature), at(state.top_k, top_k),
-        at(state.top_p, top_p))
+        at(state.top_p, top_p)))
 
 
 def generate(config: JinaVLMConfig, steps_per_call: int, filtered: bool, params: InferenceParams,
@@ -153,7 +161,8 @@ def generate(config: JinaVLMConfig, steps_per_call: int, filtered: bool, params:
                          tokens=jnp.where(active, nxt, st.tokens), steps=st.steps + step_on)
         return st, nxt
 
-    return jax.lax.scan(one, state, None, length=steps_per_call)
+    state, tokens = jax.lax.scan(one, state, None, length=steps_per_call)
+    return constrain_state(state), tokens
 
 
 # ------------------------------------------------------------------------------------- host side
