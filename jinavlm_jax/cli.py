@@ -214,6 +214,9 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} prompts [{elapsed}<{remaining}, {rate_fmt}]"
+
+
 def _run_batch(args) -> int:
     rows = _read_jsonl(args.input)
     if args.batch_size < 1:
@@ -223,7 +226,7 @@ def _run_batch(args) -> int:
     out_path = Path(args.output)
     tmp = out_path.with_name(out_path.name + ".partial")
     with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(rows), unit="prompt", file=sys.stderr,
-                                                      desc="generate") as bar:
+                                                      desc="generate", bar_format=_BAR) as bar:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start:start + args.batch_size]
             prompts = [_user_prompt(s.processor, r["prompt"], len(r["images"]), args.raw) for r in chunk]
