@@ -316,23 +316,26 @@ def _run_efficiency(args) -> int:
 
 # ----------------------------------------------------------------------------------- convert
 
+def _output_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype_help: str, mesh: bool) -> None:
+    """--dtype, --mesh (placing params while converting) and --overwrite of a conversion that writes."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=dtype_default, help=dtype_help)
+    if mesh:
+        p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: all devices on fsdp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
 def _configure_convert(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="operation", required=True, metavar="OPERATION")
     h = sub.add_parser("hf-to-orbax", help="official jina-vlm safetensors directory -> Orbax checkpoint")
     h.add_argument("src", help="official directory: config.json + model.safetensors (or sharded index)")
     h.add_argument("dst", help="Orbax checkpoint directory to create")
-    h.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="param dtype (default: the checkpoint's)")
-    h.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: all devices on fsdp)")
-    h.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _output_args(h, None, "param dtype (default: the checkpoint's)", mesh=True)
 
     o = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> official sharded safetensors + config.json")
     o.add_argument("src", help="Orbax checkpoint directory")
     o.add_argument("dst", help="official directory to create")
     o.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
-    o.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="tensor dtype (default: the dtypes of the original source, else the params')")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _output_args(o, None, "tensor dtype (default: the dtypes of the original source, else the params')", mesh=False)
 
     c = sub.add_parser("from-components", help="fresh jina-vlm from transformers SigLIP(2) + Qwen3 checkpoints")
     c.add_argument("--siglip2", required=True, metavar="DIR",
@@ -340,11 +343,9 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     c.add_argument("--qwen3", required=True, metavar="DIR", help="Qwen3ForCausalLM safetensors directory")
     c.add_argument("dst", help="Orbax checkpoint directory to create")
     c.add_argument("--seed", type=int, default=0, help="connector / new embedding rows init seed")
-    c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="param dtype")
     c.add_argument("--vit-layers", default="-4,-10",
                    help="ViT layers fed to the connector, indexing [block outputs..., post-norm] (default -4,-10)")
-    c.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: all devices on fsdp)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _output_args(c, "float32", "param dtype", mesh=True)
 
     k = sub.add_parser("check-logits", help="compare two checkpoints (Orbax or official) on random inputs")
     k.add_argument("a", help="reference checkpoint")
