@@ -100,14 +100,20 @@ def mesh_from_spec(spec: str | None, devices: Sequence[jax.Device] | None = None
 
 
 def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+    """The PartitionSpec the rule table gives a tensor with logical `axes`."""
     return nn.logical_to_mesh_axes(tuple(axes), rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed(config):
+    """The abstract params of `config` with their logical axes (traced once per config)."""
+    from .model.jinavlm import abstract_params
+    return abstract_params(config, boxed=True)
 
 
 def param_specs(config, rules=LOGICAL_RULES):
     """PartitionSpec pytree for the params of `config` (from the logical names; nothing materialised)."""
-    from .model.jinavlm import abstract_params
-    boxed = abstract_params(config, boxed=True)
-    return nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    return nn.logical_to_mesh(nn.get_partition_spec(_abstract_boxed(config)), rules)
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
@@ -121,9 +127,9 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
 
 
 def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedSharding pytree for the params of `config` on `mesh`."""
-    from .model.jinavlm import abstract_params
-    shapes = abstract_params(config)
+    """NamedSharding pytree for the params of `config` on `mesh` (from the abstract boxed tree, which is
+    built once per config: the model is not traced again for every call)."""
+    shapes = nn.unbox(_abstract_boxed(config))
     specs = param_specs(config, rules)
     return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
                                   is_leaf=lambda x: isinstance(x, P))
@@ -147,7 +153,3 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
 def shard_params(params, shardings):
     """device_put a param pytree onto a sharding pytree of the same structure."""
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def rules_as_dict(rules=LOGICAL_RULES) -> Mapping[str, object]:
-    return dict(rules)
