@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from jinavlm_jax import JinaVLM, JinaVLMConfig, abstract_params  # noqa: E402
-from jinavlm_jax.efficiency import _flops, vision_flops  # noqa: E402
+from jinavlm_jax.efficiency import vision_flops, xla_flops  # noqa: E402
 from jinavlm_jax.inference import InferenceParams, abstract_inference_params, cache_bucket  # noqa: E402
 from jinavlm_jax.inference.programs import decode_loop_jit, prefill_jit  # noqa: E402
 from jinavlm_jax.model.layers import dtype_of  # noqa: E402
@@ -187,7 +187,7 @@ def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8)) -> di
     ids = rng.integers(0, t.vocab_size, (1, PROMPT)).astype(np.int32)
     args = (config, cache_len, params, ids, np.ones((1, PROMPT), bool), None, None, None)
     compiled = prefill_jit.lower(*args).compile()  # compiled ahead, so the one timed run is a plain run
-    res["prefill_flops"] = _flops(compiled)
+    res["prefill_flops"] = xla_flops(compiled)
     res["prefill_s"] = best_of(lambda: jax.block_until_ready(compiled(*args[2:])), 1)
     del compiled
 

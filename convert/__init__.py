@@ -1,1 +1,1 @@
-"""`python -m convert`: the weight-conversion CLI (a thin wrapper over `jinavlm_jax.convert`)."""
+"""`python -m convert` from the repository root: a thin face of `jinavlm convert` (not installed)."""

@@ -219,3 +219,44 @@ def load(directory: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: An
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     return config, params
+
+
+# ---------------------------------------------------------------------------------------- any format
+
+def checkpoint_format(path: str | Path) -> str:
+    """"orbax" (a jinavlm-jax checkpoint) or "hf" (an official Hugging Face directory) for `path`.
+
+    Raises CheckpointError naming what is there otherwise (an interrupted save: the "not a complete
+    checkpoint" error of `read_info`).
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    if is_checkpoint(d):
+        return "orbax"
+    if (d / "config.json").is_file() and any((d / f).is_file() for f in
+                                             ("model.safetensors", "model.safetensors.index.json")):
+        return "hf"
+    if (d / PARAMS_DIR).is_dir():
+        read_info(d)  # params written but no metadata: raises the "interrupted conversion" error
+    found = sorted(p.name for p in d.iterdir())[:12]
+    raise CheckpointError(f"{d}: neither a jinavlm-jax Orbax checkpoint ({META_NAME} + params/) nor an "
+                          f"official Hugging Face directory (config.json + model.safetensors or "
+                          f"model.safetensors.index.json); found {found}")
+
+
+def load_any(path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None
+             ) -> tuple[JinaVLMConfig, Any]:
+    """(config, params) from a jinavlm-jax Orbax checkpoint or an official Hugging Face directory.
+
+    `dtype` casts the params (the config's `param_dtype` says what they are); with `mesh` the params
+    are placed on their `param_shardings` (an Orbax checkpoint is restored straight onto them).
+    """
+    if checkpoint_format(path) == "orbax":
+        return load(path, mesh=mesh, dtype=dtype)
+    from .sharding import shard_params
+    from .weights.official import load_jina_vlm
+    config, params = load_jina_vlm(path, dtype=dtype)
+    if mesh is not None:
+        params = shard_params(params, param_shardings(config, mesh))
+    return config, params

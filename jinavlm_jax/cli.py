@@ -3,12 +3,16 @@
     jinavlm generate --checkpoint DIR --image photo.jpg --prompt "Describe the image."
     jinavlm generate --checkpoint DIR --input prompts.jsonl --output answers.jsonl
     jinavlm chat --checkpoint DIR [--image photo.jpg]
+    jinavlm convert hf-to-orbax SRC DST          # also: python -m convert ... (from the repo root)
+    jinavlm train [RECIPE.yaml] [key=value ...]  # also: python train.py ...
+    jinavlm aot --topology v5e:2x4 --job train ...
     jinavlm efficiency [--max-crops 12]
 
 Checkpoints are jinavlm-jax Orbax directories or official Hugging Face directories (config.json +
 safetensors). The tokenizer (tokenizer.json, preprocessor_config.json) is read from --tokenizer,
 by default the checkpoint directory. Generated text goes to stdout (streamed as it is produced);
-progress and errors go to stderr. Errors are one line, without a traceback, and exit with status 1.
+progress and errors go to stderr. Every subcommand shares one error path (`command.guarded`):
+errors are one line, without a traceback, and exit with status 1.
 
 Adding a subcommand: write `configure(parser)` and `run(args) -> int`, then
 `register(Command("name", "one-line help", configure, run))` below the existing ones.
@@ -18,23 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
-from . import aot
-
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: its name, one-line help, argument setup and entry point (returns the exit code)."""
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
+from .command import Command, run_cli
+from .tpu import cli as aot_cli
+from .train import cli as train_cli
 
 COMMANDS: dict[str, Command] = {}
 
@@ -53,39 +46,12 @@ class CLIError(ValueError):
 
 # ----------------------------------------------------------------------------------- loading
 
-def checkpoint_format(checkpoint: str | Path) -> str:
-    """"orbax" or "hf" for a checkpoint directory; CheckpointError naming what is there otherwise."""
-    from .checkpoint import META_NAME, is_checkpoint
-    from .weights import CheckpointError
-
-    d = Path(checkpoint)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint directory not found")
-    if is_checkpoint(d):
-        return "orbax"
-    if (d / "config.json").is_file() and any((d / f).is_file() for f in
-                                             ("model.safetensors", "model.safetensors.index.json")):
-        return "hf"
-    found = sorted(p.name for p in d.iterdir())[:12]
-    raise CheckpointError(f"{d}: neither a jinavlm-jax Orbax checkpoint ({META_NAME} + params/) nor an "
-                          f"official Hugging Face directory (config.json + model.safetensors or "
-                          f"model.safetensors.index.json); found {found}")
-
-
 def load_model(checkpoint: str | Path, dtype: str | None = None, mesh=None):
-    """(config, params) from a jinavlm-jax Orbax checkpoint or an official Hugging Face directory.
-
-    `dtype` ("float32" / "bfloat16") casts the params and sets the compute dtype; None keeps the
-    checkpoint's params and computes in float32. Raises CheckpointError for a directory that is
-    neither format.
-    """
-    from .checkpoint import load
-    from .weights import load_jina_vlm
-
-    if checkpoint_format(checkpoint) == "orbax":
-        config, params = load(checkpoint, mesh=mesh, dtype=dtype)
-    else:
-        config, params = load_jina_vlm(checkpoint, dtype=dtype)
+    """(config, params) from a jinavlm-jax Orbax checkpoint or an official Hugging Face directory
+    (`checkpoint.load_any`), with the compute dtype set: `dtype` ("float32" / "bfloat16") casts the
+    params and computes in it; None keeps the checkpoint's params and computes in float32."""
+    from .checkpoint import load_any
+    config, params = load_any(checkpoint, dtype=dtype, mesh=mesh)
     return config.replace(dtype=dtype or "float32"), params
 
 
@@ -96,13 +62,6 @@ def _processor(args):
     if args.max_crops is not None:
         proc = Processor.from_dir(tok_dir, config=proc.config.replace(max_crops=args.max_crops))
     return proc
-
-
-def _mesh(spec: str | None):
-    if not spec:
-        return None
-    from .sharding import make_mesh, parse_mesh_spec
-    return make_mesh(**parse_mesh_spec(spec))
 
 
 def _sampling(args):
@@ -132,11 +91,13 @@ class _Session:
     """What every generating subcommand needs: processor, generator and settings."""
 
     def __init__(self, args):
+        from .checkpoint import checkpoint_format
         from .generate import Generator
+        from .sharding import mesh_from_spec
         self.args = args
         checkpoint_format(args.checkpoint)  # cheap checks first: fail before loading any weights
         self.processor = _processor(args)
-        mesh = _mesh(args.mesh)
+        mesh = mesh_from_spec(args.mesh) if args.mesh else None
         config, params = load_model(args.checkpoint, args.dtype, mesh)
         self.generator = Generator(config, params, mesh)
         del params
@@ -253,27 +214,19 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def _progress(done: int, total: int, t0: float) -> None:
-    out, width = sys.stderr, 30
-    fill = int(width * done / total)
-    rate = done / max(time.perf_counter() - t0, 1e-9)
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    out.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} prompts, {rate:.2f}/s, eta {eta:.0f}s")
-    if done == total:
-        out.write("\n")
-    out.flush()
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} prompts [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def _run_batch(args) -> int:
     rows = _read_jsonl(args.input)
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from tqdm import tqdm
     s = _Session(args)
-    t0 = time.perf_counter()
     out_path = Path(args.output)
     tmp = out_path.with_name(out_path.name + ".partial")
-    _progress(0, len(rows), t0)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(rows), unit="prompt", file=sys.stderr,
+                                                      desc="generate", bar_format=_BAR) as bar:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start:start + args.batch_size]
             prompts = [_user_prompt(s.processor, r["prompt"], len(r["images"]), args.raw) for r in chunk]
@@ -285,7 +238,7 @@ def _run_batch(args) -> int:
                 rec.update(text=text, tokens=toks, stop_reason=reason)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-            _progress(start + len(chunk), len(rows), t0)
+            bar.update(len(chunk))
     tmp.replace(out_path)
     return 0
 
@@ -361,13 +314,84 @@ def _run_efficiency(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- convert
+
+def _output_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype_help: str, mesh: bool) -> None:
+    """--dtype, --mesh (placing params while converting) and --overwrite of a conversion that writes."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=dtype_default, help=dtype_help)
+    if mesh:
+        p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: all devices on fsdp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    h = sub.add_parser("hf-to-orbax", help="official jina-vlm safetensors directory -> Orbax checkpoint")
+    h.add_argument("src", help="official directory: config.json + model.safetensors (or sharded index)")
+    h.add_argument("dst", help="Orbax checkpoint directory to create")
+    _output_args(h, None, "param dtype (default: the checkpoint's)", mesh=True)
+
+    o = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> official sharded safetensors + config.json")
+    o.add_argument("src", help="Orbax checkpoint directory")
+    o.add_argument("dst", help="official directory to create")
+    o.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    _output_args(o, None, "tensor dtype (default: the dtypes of the original source, else the params')", mesh=False)
+
+    c = sub.add_parser("from-components", help="fresh jina-vlm from transformers SigLIP(2) + Qwen3 checkpoints")
+    c.add_argument("--siglip2", required=True, metavar="DIR",
+                   help="Siglip2VisionModel / SiglipVisionModel / SiglipModel safetensors directory")
+    c.add_argument("--qwen3", required=True, metavar="DIR", help="Qwen3ForCausalLM safetensors directory")
+    c.add_argument("dst", help="Orbax checkpoint directory to create")
+    c.add_argument("--seed", type=int, default=0, help="connector / new embedding rows init seed")
+    c.add_argument("--vit-layers", default="-4,-10",
+                   help="ViT layers fed to the connector, indexing [block outputs..., post-norm] (default -4,-10)")
+    _output_args(c, "float32", "param dtype", mesh=True)
+
+    k = sub.add_parser("check-logits", help="compare two checkpoints (Orbax or official) on random inputs")
+    k.add_argument("a", help="reference checkpoint")
+    k.add_argument("b", help="checkpoint to compare")
+    k.add_argument("--max-kl", type=float, default=1e-3, help="fail above this max per-position KL(A||B)")
+    k.add_argument("--min-top5", type=float, default=0.0, help="fail below this mean top-5 overlap")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--batch", type=int, default=1)
+    k.add_argument("--crops", type=int, default=1)
+    k.add_argument("--length", type=int, default=32, help="text tokens after the image tokens")
+
+
+def _run_convert(args) -> int:
+    from . import convert as C  # after parsing, so --help does not start JAX
+    if args.operation == "hf-to-orbax":
+        print(C.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh, overwrite=args.overwrite))
+    elif args.operation == "orbax-to-hf":
+        print(C.orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                            overwrite=args.overwrite))
+    elif args.operation == "from-components":
+        layers = tuple(int(x) for x in args.vit_layers.split(","))
+        print(C.from_components(args.siglip2, args.qwen3, args.dst, seed=args.seed, dtype=args.dtype,
+                                mesh=args.mesh, vit_layers=layers, overwrite=args.overwrite))
+    else:
+        m, ok = C.check_logits(args.a, args.b, seed=args.seed, batch=args.batch, crops=args.crops,
+                               length=args.length, max_kl=args.max_kl, min_top5=args.min_top5)
+        print(C.format_metrics(args.a, args.b, m, ok, args.max_kl))
+        return C.EXIT_OK if ok else C.EXIT_MISMATCH
+    return C.EXIT_OK
+
+
+CONVERT_HELP = ("convert weights: hf-to-orbax, orbax-to-hf, from-components, check-logits (exit 3: logits "
+                "differ); progress on stderr, the summary on stdout")
+
+
 register(Command("generate", "answer a prompt about images (streams to stdout), or a JSONL batch",
                  _configure_generate, _run_generate))
 register(Command("chat", "multi-turn chat about images on stdin/stdout", _configure_chat, _run_chat))
 register(Command("efficiency", "the paper's Table 1 (what 2x2 pooling saves) from the compiled model",
                  _configure_efficiency, _run_efficiency))
 
-register(Command("aot", aot.HELP + " (needs the [tpu] extra)", aot.configure, aot.run))
+register(Command("convert", "official safetensors <-> Orbax, a model from SigLIP2 + Qwen3, logit checks",
+                 _configure_convert, _run_convert, description=CONVERT_HELP,
+                 interrupted="nothing was written to the destination"))
+register(train_cli.COMMAND)
+register(aot_cli.COMMAND)
 
 
 def _serve(name: str):
@@ -384,30 +408,24 @@ register(Command("serve", "serve the model over an OpenAI-compatible HTTP API (n
 # ----------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one subparser per registered command."""
-    parser = argparse.ArgumentParser(prog="jinavlm", description="jina-vlm in JAX: inference and tools")
+    """The argument parser with one subparser per registered command (`jinavlm --help`)."""
+    parser = argparse.ArgumentParser(prog="jinavlm", description="jina-vlm in JAX: inference, training and tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help, epilog=cmd.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run a subcommand; ValueError / OSError become one line on stderr, exit 1."""
+    """Console entry point: run a subcommand through the shared error path (`command.guarded`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["aot"]:  # key=value overrides may follow options: argparse needs intermixed parsing
-        return aot.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except (ValueError, OSError) as e:  # our errors are ValueError subclasses; files raise OSError
-        print(f"jinavlm {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    if argv and argv[0] in COMMANDS:
+        return run_cli(COMMANDS[argv[0]], argv[1:], f"jinavlm {argv[0]}")
+    build_parser().parse_args(argv)   # no or an unknown subcommand: usage / --help, exit 2 or 0
+    return 2
 
 
 if __name__ == "__main__":

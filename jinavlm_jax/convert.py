@@ -1,6 +1,6 @@
 """Weight conversion: official jina-vlm safetensors <-> Orbax, components -> a fresh model, logit checks.
 
-The library side of `python -m convert` (the CLI in `convert/` only parses arguments):
+The library side of `jinavlm convert` / `python -m convert` (their arguments: `jinavlm_jax/cli.py`):
 
 * `hf_to_orbax(src, dst)`: official directory (config.json + model.safetensors or a sharded index) ->
   Orbax checkpoint. Tensors are read one at a time (`weights.official.load_params`) and each finished
@@ -14,7 +14,8 @@ The library side of `python -m convert` (the CLI in `convert/` only parses argum
 * `check_logits(a, b)`: the same random inputs through two checkpoints of any supported format.
 
 Progress goes to stderr, results (the summary, the logit table) to stdout. Every error is a
-`CheckpointError` / `ConfigError` naming the file or tensor; `cli()` turns them into exit code 1.
+`CheckpointError` / `ConfigError` naming the file or tensor (ValueErrors: the command line's one
+error path makes them exit code 1).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import numpy as np
 from . import checkpoint
 from .model.config import ConfigError, JinaVLMConfig
 from .model.jinavlm import JinaVLM, tokens_per_crop
-from .sharding import make_mesh, parse_mesh_spec, param_shardings
+from .sharding import mesh_from_spec, param_shardings
 from .weights.hf_components import open_components
 from .weights.official import load_jina_vlm, load_params, official_table, official_tensors
 from .weights.safetensors_io import (INDEX_NAME, CheckpointError, CheckpointReader, write_safetensors_stream)
@@ -48,55 +49,38 @@ def _gb(n: float) -> str:
 
 
 class Progress:
-    """A progress bar on stderr: tensors done / total, bytes done / total, rate.
+    """A tqdm bar on stderr over the bytes converted, with tensors done / total beside it.
 
-    Redrawn in place on a terminal (at most 10 times a second); on a pipe or log file one line per
-    10% so logs stay short.
+    `update(name, nbytes)` counts `nbytes` more of tensor `name` (a tensor may arrive in several pieces).
     """
 
     def __init__(self, label: str, total_tensors: int, total_bytes: int, stream: TextIO | None = None,
                  enabled: bool = True):
-        self.label, self.total_tensors, self.total_bytes = label, total_tensors, total_bytes
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        from tqdm import tqdm
+        self.total_tensors, self.total_bytes = total_tensors, total_bytes
         self.seen: set[str] = set()
         self.bytes = 0
-        self.start = time.perf_counter()
-        self._last_draw, self._last_decile = 0.0, -1
+        # Our own counts in the postfix ("175/175 tensors  0.78 MB/0.78 MB"): tqdm's byte units are
+        # binary-ish and its count would be bytes, not tensors.
+        self.bar = tqdm(total=total_bytes, desc=label, file=stream or sys.stderr, disable=not enabled,
+                        bar_format="{desc} {bar:24} {postfix} [{elapsed}]", mininterval=0.1)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{len(self.seen)}/{self.total_tensors} tensors  "
+                                 f"{_gb(self.bytes)}/{_gb(self.total_bytes)}", refresh=False)
 
     def update(self, name: str, nbytes: int) -> None:
-        """Count `nbytes` more of tensor `name` (a tensor may arrive in several pieces)."""
+        """Count `nbytes` more of tensor `name`."""
         self.seen.add(name)
         self.bytes += nbytes
-        self._draw(name)
-
-    def _draw(self, name: str = "", final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        rate = self.bytes / max(now - self.start, 1e-9)
-        width = 24
-        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        line = (f"{self.label} [{bar}] {len(self.seen)}/{self.total_tensors} tensors  "
-                f"{_gb(self.bytes)}/{_gb(self.total_bytes)}  {_gb(rate)}/s")
-        if self.tty:
-            if final or now - self._last_draw > 0.1:
-                tail = "" if final else f"  {name[-40:]}"
-                self.stream.write("\r" + line + tail + "\033[K" + ("\n" if final else ""))
-                self.stream.flush()
-                self._last_draw = now
-        else:
-            decile = int(frac * 10)
-            if decile > self._last_decile or (final and self._last_decile < 10):
-                self._last_decile = decile
-                self.stream.write(line + "\n")
-                self.stream.flush()
+        self._postfix()
+        self.bar.update(nbytes)
 
     def close(self) -> None:
-        """Draw the final state."""
-        self._draw(final=True)
+        """Draw the final state and end the bar's line."""
+        self._postfix()
+        self.bar.close()
 
 
 @dataclasses.dataclass
@@ -135,11 +119,6 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     for k in path:
         tree = tree[k]
     return tree
-
-
-def _mesh(spec: str | None) -> jax.sharding.Mesh:
-    """--mesh 'data=..,fsdp=..,tensor=..' (missing axes 1); default: every device on fsdp."""
-    return make_mesh(**parse_mesh_spec(spec)) if spec else make_mesh()
 
 
 def _placer(config: JinaVLMConfig, mesh: jax.sharding.Mesh) -> Callable[[tuple[str, ...], np.ndarray], Any]:
@@ -184,7 +163,7 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype: str | None = None, m
     prog = Progress("hf-to-orbax", len(loaded),
                     sum(int(np.prod(reader.shape(e.name))) * reader.dtype(e.name).itemsize for e in loaded),
                     enabled=progress)
-    params = load_params(config, reader, dtype=dtype, place=_placer(config, _mesh(mesh)), progress=prog.update)
+    params = load_params(config, reader, dtype=dtype, place=_placer(config, mesh_from_spec(mesh)), progress=prog.update)
     prog.close()
     first = next(iter(reader.files.values()))
     source = {"format": "official-safetensors", "path": str(src.absolute()), "dtypes": src_dtypes,
@@ -305,7 +284,7 @@ def from_components(siglip: str | Path, qwen3: str | Path, dst: str | Path, *, s
     prog = Progress("from-components", len(loaded),
                     sum(int(np.prod(e.shape)) * np.dtype(reader.dtype(e.name)).itemsize for e in loaded),
                     enabled=progress)
-    params = load_params(config, reader, dtype=dtype, place=_placer(config, _mesh(mesh)), progress=prog.update)
+    params = load_params(config, reader, dtype=dtype, place=_placer(config, mesh_from_spec(mesh)), progress=prog.update)
     prog.close()
     source = {"format": "components", "siglip": str(Path(siglip).absolute()),
               "qwen3": str(Path(qwen3).absolute()), "seed": seed, "notes": reader.notes}
@@ -316,19 +295,6 @@ def from_components(siglip: str | Path, qwen3: str | Path, dst: str | Path, *, s
 
 
 # ---------------------------------------------------------------------------------- check-logits
-
-def load_any(path: str | Path, dtype: str | None = None) -> tuple[JinaVLMConfig, Any]:
-    """(config, params) from an Orbax checkpoint or an official jina-vlm directory."""
-    p = Path(path)
-    if checkpoint.is_checkpoint(p):
-        return checkpoint.load(p, dtype=dtype)
-    if (p / "config.json").is_file():
-        return load_jina_vlm(p, dtype=dtype)
-    if (p / checkpoint.PARAMS_DIR).is_dir():
-        checkpoint.read_info(p)  # an interrupted save: raises the "not a complete checkpoint" error
-    raise CheckpointError(f"{p}: neither a jinavlm-jax Orbax checkpoint ({checkpoint.META_NAME}) nor an "
-                          "official jina-vlm directory (config.json + safetensors)")
-
 
 def _arch(config: JinaVLMConfig) -> dict:
     return dataclasses.asdict(config.replace(dtype="float32", param_dtype="float32", remat_policy="none",
@@ -380,8 +346,8 @@ def check_logits(a: str | Path, b: str | Path, *, seed: int = 0, batch: int = 1,
     Returns (metrics, ok); ok is False when the largest per-position KL(A||B) exceeds `max_kl` or the
     mean top-5 overlap falls below `min_top5`. The two checkpoints must have the same architecture.
     """
-    ca, pa = load_any(a)
-    cb, pb = load_any(b)
+    ca, pa = checkpoint.load_any(a)
+    cb, pb = checkpoint.load_any(b)
     fa, fb = _flat(_arch(ca)), _flat(_arch(cb))
     diffs = [f"{k}: {fa[k]!r} vs {fb[k]!r}" for k in fa if fa[k] != fb.get(k)]
     if diffs:
@@ -406,18 +372,3 @@ def format_metrics(a: str, b: str, m: dict[str, float], ok: bool, max_kl: float)
     lines += [f"  {k:<14}{v:.3e}" if "err" in k or "kl" in k else f"  {k:<14}{v:.4f}" for k, v in m.items()]
     lines.append(f"  result        {'OK' if ok else 'MISMATCH'} (threshold: max KL <= {max_kl:g})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------- CLI glue
-
-def cli(fn: Callable[[], int | None]) -> int:
-    """Run a CLI action: known errors -> one message on stderr and exit code 1 (no traceback)."""
-    try:
-        rc = fn()
-        return EXIT_OK if rc is None else rc
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the destination", file=sys.stderr)
-        return 130

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .flops import model_flops
 from .inference import abstract_inference_params
 from .inference.programs import prefill
 from .model import JinaVLM, JinaVLMConfig, abstract_params, tokens_per_crop
@@ -67,6 +68,9 @@ class EfficiencyReport:
     real_llm_flops: float
     real_llm_linear_flops: float
     real_kv_cache_bytes: int
+    # the same programs by the FLOP model (`flops.model_flops`, matmuls only), for comparison
+    formula_llm_linear_flops: tuple[float, float]
+    formula_vit_flops: float
 
     @staticmethod
     def ratio(pair) -> float:
@@ -82,7 +86,8 @@ class EfficiencyReport:
         return tuple(self.vit_flops + f for f in self.llm_flops)
 
 
-def _flops(compiled) -> float:
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled program by XLA's cost analysis (a loop body counted once)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -94,7 +99,7 @@ def _llm_prefill(config: JinaVLMConfig, length: int) -> tuple[float, int]:
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
     fn = jax.jit(prefill, static_argnums=(0, 1))
-    flops = _flops(fn.lower(config, length, params, ids, mask, None, None, None).compile())
+    flops = xla_flops(fn.lower(config, length, params, ids, mask, None, None, None).compile())
     _, caches, _, _ = jax.eval_shape(lambda p, i, m: prefill(config, length, p, i, m, None, None, None),
                                      params, ids, mask)
     kv = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(caches))
@@ -111,7 +116,7 @@ def vision_flops(config: JinaVLMConfig, crops: int) -> dict[str, float]:
     x = jax.ShapeDtypeStruct((crops, v.n_patches, v.hidden_size), jnp.float32)
     block = VisionBlock(v, (), **kw)
     block_fn = lambda p, x: block.apply({"params": p}, (x, ()), jnp.int32(0))[0][0]
-    one_block = _flops(jax.jit(block_fn).lower(block_params, x).compile())
+    one_block = xla_flops(jax.jit(block_fn).lower(block_params, x).compile())
 
     # The same tower with one block (both feature layers read from it): program minus block = the
     # patch embedding, the feature concat and the connector.
@@ -120,7 +125,7 @@ def vision_flops(config: JinaVLMConfig, crops: int) -> dict[str, float]:
     masks = jax.ShapeDtypeStruct((1, crops, v.n_patches), jnp.float32)
     model = JinaVLM(cfg1)
     enc = lambda p, im, m: model.apply({"params": p}, im, m, method=JinaVLM.encode_images)
-    with_one = _flops(jax.jit(enc).lower(abstract_params(cfg1), images, masks).compile())
+    with_one = xla_flops(jax.jit(enc).lower(abstract_params(cfg1), images, masks).compile())
     rest = with_one - one_block
     return {"block": one_block, "rest": rest, "total": rest + v.n_run_layers * one_block}
 
@@ -157,6 +162,9 @@ def _report(config: JinaVLMConfig, max_crops: int, kv_dtype: str) -> EfficiencyR
     real_len = len(tokens)
     real_f = a * real_len + b * real_len ** 2  # the same program's cost curve
     real_kv = kv0 // l0 * real_len
+    formula = [model_flops(config, rows=1, seq_len=n, crops=0, train=False, logit_positions=1)["text_linear"]
+               for n in lengths]
+    vit_formula = model_flops(config, rows=1, seq_len=0, crops=crops, train=False)
     return EfficiencyReport(
         crops=crops, patches_per_crop=patches, paper_tokens_per_crop=paper_per_crop, visual_tokens=lengths,
         llm_flops=(f0, f1), llm_linear_flops=(a * l0, a * l1), llm_attention_flops=(b * l0 ** 2, b * l1 ** 2),
@@ -164,7 +172,8 @@ def _report(config: JinaVLMConfig, max_crops: int, kv_dtype: str) -> EfficiencyR
         real_tiling=(rows, cols), real_crops=rows * cols + 1, real_pooled_per_crop=tokens_per_crop(config),
         real_pooled_computed=(rows * cols + 1) * tokens_per_crop(config), real_placed=int((idx >= 0).sum()),
         real_image_tokens=real_len, real_llm_flops=real_f, real_llm_linear_flops=a * real_len,
-        real_kv_cache_bytes=real_kv)
+        real_kv_cache_bytes=real_kv, formula_llm_linear_flops=tuple(formula),
+        formula_vit_flops=vit_formula["vision"] + vit_formula["connector"])
 
 
 def format_report(r: EfficiencyReport, config: JinaVLMConfig | None = None) -> str:
@@ -209,7 +218,10 @@ def format_report(r: EfficiencyReport, config: JinaVLMConfig | None = None) -> s
             f"{T(r.real_llm_flops)} in all (a L + b L^2 from the two compiles above); KV cache "
             f"{G(r.real_kv_cache_bytes)}",
             f"  vs. no pooling: {r.visual_tokens[0] / r.real_image_tokens:.2f}x fewer tokens, "
-            f"{r.llm_linear_flops[0] / r.real_llm_linear_flops:.2f}x fewer linear FLOPs"]
+            f"{r.llm_linear_flops[0] / r.real_llm_linear_flops:.2f}x fewer linear FLOPs",
+            "",
+            f"the FLOP model (jinavlm_jax.flops, matmuls only): LLM linear {T(r.formula_llm_linear_flops[0])} / "
+            f"{T(r.formula_llm_linear_flops[1])}, ViT + connector {T(r.formula_vit_flops)}"]
     return "\n".join(out)
 
 

@@ -12,6 +12,8 @@ changing the mesh shape or this table, never a layer.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import re
 from typing import Iterator, Mapping, Sequence
 
@@ -51,38 +53,67 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (missing axes are 1)."""
     out = {a: 1 for a in MESH_AXES}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        m = re.fullmatch(r"(\w+)=(\d+)", part)
+        m = re.fullmatch(r"(\w+)=(-1|\d+)", part)
         if not m or m.group(1) not in MESH_AXES:
             raise ValueError(f"bad mesh spec {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}")
         out[m.group(1)] = int(m.group(2))
     return out
 
 
+def resolve_mesh_shape(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """{'data', 'fsdp', 'tensor'} sizes for `n_devices`: missing axes are 1, one axis may be -1 (the rest).
+
+    Raises ValueError naming the sizes and the device count when they do not multiply out.
+    """
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh {dict(sizes)}: unknown axes {unknown} (axes: {MESH_AXES})")
+    out = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    free = [a for a, v in out.items() if v == -1]
+    if len(free) > 1 or any(v == 0 or v < -1 for v in out.values()):
+        raise ValueError(f"mesh {out}: sizes must be >= 1, with at most one -1 (the devices left over)")
+    if free:
+        rest = math.prod(v for v in out.values() if v != -1)
+        if n_devices % rest:
+            raise ValueError(f"mesh {out}: {n_devices} devices cannot be split that way")
+        out[free[0]] = n_devices // rest
+    if math.prod(out.values()) != n_devices:
+        raise ValueError(f"mesh data={out['data']} x fsdp={out['fsdp']} x tensor={out['tensor']} = "
+                         f"{math.prod(out.values())} devices, but there are {n_devices}; use -1 for one "
+                         "axis to take the rest")
+    return out
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default all); fsdp=-1 takes what is left."""
+    """A (data, fsdp, tensor) mesh over `devices` (default all), in device order; one axis may be -1
+    (by default fsdp takes what is left)."""
     devices = list(devices if devices is not None else jax.devices())
-    n = len(devices)
-    if fsdp == -1:
-        if n % (data * tensor):
-            raise ValueError(f"{n} devices cannot be split into data={data} x tensor={tensor}")
-        fsdp = n // (data * tensor)
-    if data * fsdp * tensor != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
-                         f"does not match the {n} devices available")
-    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    sizes = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    arr = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
     return Mesh(arr, MESH_AXES)
 
 
+def mesh_from_spec(spec: str | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a `--mesh data=..,fsdp=..,tensor=..` option; None or "" puts all devices on fsdp."""
+    return make_mesh(**parse_mesh_spec(spec), devices=devices) if spec else make_mesh(devices=devices)
+
+
 def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+    """The PartitionSpec the rule table gives a tensor with logical `axes`."""
     return nn.logical_to_mesh_axes(tuple(axes), rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed(config):
+    """The abstract params of `config` with their logical axes (traced once per config)."""
+    from .model.jinavlm import abstract_params
+    return abstract_params(config, boxed=True)
 
 
 def param_specs(config, rules=LOGICAL_RULES):
     """PartitionSpec pytree for the params of `config` (from the logical names; nothing materialised)."""
-    from .model.jinavlm import abstract_params
-    boxed = abstract_params(config, boxed=True)
-    return nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    return nn.logical_to_mesh(nn.get_partition_spec(_abstract_boxed(config)), rules)
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
@@ -96,9 +127,9 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
 
 
 def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedSharding pytree for the params of `config` on `mesh`."""
-    from .model.jinavlm import abstract_params
-    shapes = abstract_params(config)
+    """NamedSharding pytree for the params of `config` on `mesh` (from the abstract boxed tree, which is
+    built once per config: the model is not traced again for every call)."""
+    shapes = nn.unbox(_abstract_boxed(config))
     specs = param_specs(config, rules)
     return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
                                   is_leaf=lambda x: isinstance(x, P))
@@ -122,7 +153,3 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
 def shard_params(params, shardings):
     """device_put a param pytree onto a sharding pytree of the same structure."""
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def rules_as_dict(rules=LOGICAL_RULES) -> Mapping[str, object]:
-    return dict(rules)

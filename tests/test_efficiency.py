@@ -11,6 +11,7 @@ import pytest
 
 from jinavlm_jax import JinaVLMConfig, cli
 from jinavlm_jax.efficiency import efficiency_report
+from jinavlm_jax.flops import model_flops
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,21 @@ def test_paper_table_1(report):
     assert within(r.ratio(r.llm_linear_flops), 3.9), r.ratio(r.llm_linear_flops)
     assert within(r.ratio(r.kv_cache_bytes), 4.0), r.ratio(r.kv_cache_bytes)
     assert within(r.ratio(r.total_flops), 2.3), r.ratio(r.total_flops)
-    # linear part = 2 x decoder-layer params x tokens (+ the last-token head), as the paper counts
-    t = JinaVLMConfig.jina_vlm_2_4b().text
-    per_layer = t.hidden_size * (t.n_heads + 2 * t.n_kv_heads) * t.head_dim + t.n_heads * t.head_dim * t.hidden_size \
-        + 3 * t.hidden_size * t.mlp_size
-    assert within(r.llm_linear_flops[0], 2 * t.n_layers * per_layer * 9477, 0.01)
+    # linear part = 2 x decoder-layer params x tokens (+ the last-token head), as the paper counts:
+    # XLA's count of the compiled prefill agrees with the FLOP model (matmuls only) within 1%
+    config = JinaVLMConfig.jina_vlm_2_4b()
+    t = config.text
+    for measured, formula in zip(r.llm_linear_flops, r.formula_llm_linear_flops):
+        assert within(measured, formula, 0.01), (measured, formula)
+    assert r.formula_llm_linear_flops[0] == model_flops(config, rows=1, seq_len=9477, crops=0, train=False,
+                                                        logit_positions=1)["text_linear"]
     # the KV cache is 2 (K, V) x layers x kv_heads x head_dim x 2 bytes (bf16) per token
     assert r.kv_cache_bytes[0] == 9477 * 2 * t.n_layers * t.n_kv_heads * t.head_dim * 2
     # the attention term is quadratic: (9477 / 2366)^2
     assert within(r.ratio(r.llm_attention_flops), (9477 / 2366) ** 2, 0.01)
-    assert r.vit_blocks_run == 25 and r.vit_flops > 0
+    # the ViT (25 of 27 blocks) + connector: XLA's count within 2% of the model (elementwise work on top)
+    assert r.vit_blocks_run == 25
+    assert 1.0 <= r.vit_flops / r.formula_vit_flops < 1.02, r.vit_flops / r.formula_vit_flops
 
 
 def test_real_counts_of_the_released_processor(report):

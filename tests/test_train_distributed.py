@@ -69,7 +69,7 @@ SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from jinavlm_jax.train.config import load_config
-    from jinavlm_jax.train.loop import build_model_config, build_processor, resolve_sources
+    from jinavlm_jax.train.setup import build_model_config, build_processor, resolve_sources
     from jinavlm_jax.train.optim import make_optimizer
     from jinavlm_jax.train.step import init_state, make_steps, put_batch, random_params
     from jinavlm_jax.data.pipeline import BatchSpec, EncodeSpec, train_dataset

@@ -1,8 +1,10 @@
 """The loop's outputs and stops, in the main process on text-only data (small, fast programs):
 
-* a short run writes metrics.jsonl, TensorBoard events (parsed back, CRCs checked), a loss PNG, the
-  held-out loss and generation accuracy, and an export that `jinavlm_jax.checkpoint.load` and the
-  processor read (tokenizer beside the params);
+* a short run writes metrics.jsonl, TensorBoard events (read back with the `tensorboard` package's
+  event reader), a loss PNG, the held-out loss and generation accuracy, and an export that
+  `jinavlm_jax.checkpoint.load` and the processor read (tokenizer beside the params);
+* the MFU it logs is the MFU `jinavlm aot` computes for the same recipe and mesh, vision tower
+  frozen or trained;
 * a NaN loss stops the run with a message naming the step, exit status 1, nothing saved from it;
 * answer scoring: exact match after normalisation, multiple-choice letter extraction.
 """
@@ -31,11 +33,25 @@ def setup(tmp_path_factory):
     return shared_setup(tmp_path_factory)
 
 
+def read_events(path) -> list[tuple[int, dict[str, float]]]:
+    """[(step, {tag: value})] of an event file, read by TensorBoard's own loader (what `tensorboard
+    --logdir` shows; it checks the record framing and CRCs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in acc.Tags()["scalars"]:
+        for e in acc.Scalars(tag):
+            by_step.setdefault(e.step, {})[tag] = e.value
+    return sorted(by_step.items())
+
+
+@pytest.mark.slow
 def test_outputs_of_a_short_run(setup, tmp_path):
     from jinavlm_jax.checkpoint import load
     from jinavlm_jax.processing import Processor
     from jinavlm_jax.train.loop import run_training
-    from jinavlm_jax.train.metrics import read_events, read_metrics
+    from jinavlm_jax.train.metrics import read_metrics
     out = tmp_path / "run"
     cfg = load_config(DEMO, setup["overrides"] + TEXT_ONLY + [
         f"run.output_dir={out}", "run.steps=3", "checkpoint.every=2", "eval.final=true", "eval.batches=1",
@@ -46,10 +62,18 @@ def test_outputs_of_a_short_run(setup, tmp_path):
     for key in ("loss", "accuracy", "grad_norm", "lr/connector", "lr/text", "lr/vision", "tokens_per_s"):
         assert key in tr[3], key
     ev = read_metrics(out / "metrics.jsonl", "eval")[3]
-    assert ev["gen_n"] == 4 and 0 <= ev["gen_accuracy"] <= 1 and ev["heldout_loss"] > 0
-    events = read_events(glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))[0])
+    # the accuracy is the share of the 4 predictions scored correct
+    assert ev["gen_n"] == 4 and ev["heldout_loss"] > 0
+    assert ev["gen_accuracy"] == sum(p["correct"] for p in res.generation.predictions) / 4
+    files = glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+    assert len(files) == 1
+    events = read_events(files[0])
     assert [s for s, v in events if "train/loss" in v] == [1, 2, 3]
-    assert any("eval/gen_accuracy" in v for _, v in events)
+    for step, values in events:   # TensorBoard holds what metrics.jsonl holds (float32 in the events)
+        if "train/loss" in values:
+            assert values["train/loss"] == pytest.approx(tr[step]["loss"], rel=1e-6)
+    assert [v["eval/gen_accuracy"] for _, v in events if "eval/gen_accuracy" in v] == \
+        pytest.approx([ev["gen_accuracy"]])
     assert res.plot and res.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoints" / "2").is_dir() and (out / "checkpoints" / "3").is_dir()
     config, params = load(res.export_dir)
@@ -59,6 +83,38 @@ def test_outputs_of_a_short_run(setup, tmp_path):
     assert res.generation.n == 4 and len(res.generation.predictions) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("vision", ["trained", "frozen"])
+def test_logged_mfu_is_what_aot_computes(setup, tmp_path, vision):
+    """Acceptance 3: training logs the MFU of `jinavlm aot`'s model FLOPs for the same recipe and mesh
+    (model FLOPs / (devices x peak x step time)); with the vision tower frozen those FLOPs drop its
+    backward pass."""
+    from jinavlm_jax import tpu
+    from jinavlm_jax.train.loop import run_training
+    from jinavlm_jax.train.setup import resolve_mesh
+    overrides = setup["overrides"] + [f"run.output_dir={tmp_path / 'run'}", "run.steps=2", "log.every=1",
+                                      "log.peak_tflops_per_device=1", "log.tensorboard=false"]
+    if vision == "frozen":
+        overrides.append("optimizer.groups.vision.lr=null")
+    cfg = load_config(DEMO, overrides)
+    logged = {}
+    run_training(cfg, verbose=False, on_step=lambda step, vals: logged.__setitem__(step, vals))
+
+    cfg_aot, model_cfg = tpu.load_recipe(str(DEMO), overrides)         # what `jinavlm aot --config` reads
+    job = tpu.train_job(cfg_aot, model_cfg, resolve_mesh(cfg_aot))
+    assert job.static["vision_trained"] == (vision == "trained")
+    assert job.static["crops_per_row"] > 0                                 # the vision tower runs
+    assert sorted(logged) == [1, 2]
+    for vals in logged.values():
+        want = job.model_flops / (jax.device_count() * 1e12 * vals["step_time_s"])
+        assert vals["mfu"] == pytest.approx(want, rel=1e-9)
+    from jinavlm_jax.flops import model_flops
+    other = model_flops(model_cfg, rows=cfg.data.batch_size, seq_len=cfg.data.seq_len, crops=cfg.data.crops_per_row,
+                        train=True, train_vision=vision != "trained")["total"]
+    assert other != job.model_flops          # the frozen / trained distinction changes the figure
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step(setup, tmp_path, capsys):
     out = tmp_path / "nan"
     rc = main(["--quiet", str(DEMO), *setup["overrides"], *TEXT_ONLY, f"run.output_dir={out}", "run.steps=6",

@@ -61,7 +61,7 @@ def env(tmp_path_factory):
     tower frozen (compiled once, shared by the tests below)."""
     from jinavlm_jax.data.pipeline import BatchSpec, EncodeSpec, SourceSpec, train_dataset
     from jinavlm_jax.train.config import load_config
-    from jinavlm_jax.train.loop import build_model_config, build_processor
+    from jinavlm_jax.train.setup import build_model_config, build_processor
     s = shared_setup(tmp_path_factory)
     cfg = load_config(None, s["overrides"], base=s["config"].to_dict())
     mc, proc = build_model_config(cfg), build_processor(cfg)

@@ -19,8 +19,8 @@ multiple of 128 with segment id 0 (729 ViT patches -> 768), and the blocks are t
 scores, softmax and accumulation are float32 inside the kernel.
 
 Sharding. Pallas kernels are not partitioned by XLA, so under a mesh (`sharding.use_mesh`) the
-kernel runs in `jax.shard_map`: batch over the batch mesh axes (`data`, `fsdp`) and heads over
-`tensor`, each device running the kernel on its own shard (attention needs no communication when
+kernel runs in `jax.shard_map`: batch and heads over the mesh axes the rule table gives `act_batch`
+and `act_heads` (`data`, `fsdp` and `tensor` in `sharding.LOGICAL_RULES`), each device running the kernel on its own shard (attention needs no communication when
 whole heads and whole sequences are local). Mesh axes that do not divide the batch or the heads are
 left out (that dimension is then replicated); when `tensor` divides the query heads but not the KV
 heads, K/V are repeated to one head per query head first.
@@ -38,8 +38,15 @@ from jax.sharding import PartitionSpec as P
 
 LANES = 128                    # the kernel's KV blocks are multiples of the TPU lane width
 BLOCK_CHOICES = (512, 384, 256, 128)
-BATCH_AXES = ("data", "fsdp")  # the mesh axes of `act_batch` in sharding.LOGICAL_RULES
-HEAD_AXIS = "tensor"           # the mesh axis of `act_heads`
+
+
+def rule_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes the active rule table maps the logical axis `logical` to (the table of
+    `sharding.use_mesh`; outside one, `sharding.LOGICAL_RULES`)."""
+    from flax import linen as nn
+    from ..sharding import LOGICAL_RULES
+    ax = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
+    return () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
 
 
 def padded_length(length: int) -> int:
@@ -130,14 +137,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if mesh is None or mesh.size == 1:
         o = local(q, k, v, segment_ids)
     else:
-        batch_axes = _axes_dividing(mesh, BATCH_AXES, bsz)
-        head_axes = _axes_dividing(mesh, (HEAD_AXIS,), heads)
-        if head_axes and kv_heads % mesh.shape[HEAD_AXIS]:
+        # Batch and heads are split as the rule table splits the attention activations.
+        batch_axes = _axes_dividing(mesh, rule_axes("act_batch"), bsz)
+        head_axes = _axes_dividing(mesh, rule_axes("act_heads"), heads)
+        if head_axes and kv_heads % math.prod(mesh.shape[a] for a in head_axes):
             # `tensor` splits the query heads but not the KV heads: give each query head its own KV
             # head so every shard holds the KV heads of its query heads.
             k, v = (jnp.repeat(x, heads // kv_heads, axis=1) for x in (k, v))
         b_spec = batch_axes or None
-        h_spec = head_axes[0] if head_axes else None
+        h_spec = (head_axes[0] if len(head_axes) == 1 else head_axes) if head_axes else None
         qkv_spec = P(b_spec, h_spec, None, None)
         seg_spec = P(b_spec, None)
         if segment_ids is None:

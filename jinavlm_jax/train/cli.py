@@ -1,4 +1,4 @@
-"""`python train.py [RECIPE.yaml] [key=value ...]`: train jina-vlm from a recipe.
+"""`jinavlm train [RECIPE.yaml] [key=value ...]` (also `python train.py ...`): train jina-vlm from a recipe.
 
 Without a recipe it runs the embedded demo (`configs/demo.yaml`): a synthetic multilingual VQA
 dataset built with the TFDS builder, a tiny model trained on the CPU, held-out accuracy, a
@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_RECIPE = REPO_CONFIGS / "demo.yaml"
+from ..command import Command, run_cli
+from .config import RECIPES, TrainConfigError
+
+DEMO_RECIPE = RECIPES / "demo.yaml"
 
 EPILOG = """examples:
   python train.py                                        # the CPU demo
@@ -24,7 +25,8 @@ EPILOG = """examples:
   python train.py configs/stage2_instruct.yaml model.init=runs/s1/export optimizer.groups.vision.lr=null
   python train.py configs/demo.yaml run.steps=50 --print-config
 
-overrides are dotted keys into the recipe (values parsed as YAML; null removes a source/group entry
+a recipe is a YAML file or the name of one shipped with jinavlm-jax (demo, stage1_alignment,
+stage2_instruct). overrides are dotted keys into the recipe (values parsed as YAML; null removes a source/group entry
 or freezes a group's lr). Restarting with the same run.output_dir resumes from its latest checkpoint.
 """
 
@@ -41,16 +43,16 @@ def _cpu_devices_flag() -> None:
         os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, load and validate the recipe, train; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="train.py", description="Train jina-vlm from a YAML recipe.",
-                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(ap: argparse.ArgumentParser) -> None:
+    """Arguments of `jinavlm train` / `python train.py`."""
     ap.add_argument("args", nargs="*", metavar="RECIPE.yaml | key=value",
-                    help="a recipe (default: configs/demo.yaml) followed by overrides")
+                    help="a recipe (default: the demo) followed by overrides")
     ap.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
-    ns = ap.parse_intermixed_args(argv)
 
+
+def run(ns: argparse.Namespace) -> int:
+    """Load and validate the recipe, prepare the demo's data when it is the demo, train, report."""
     recipe = None
     overrides = []
     for a in ns.args:
@@ -59,15 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         elif recipe is None:
             recipe = a
         else:
-            print(f"train.py: error: more than one recipe given ({recipe}, {a}); overrides look like "
-                  "key=value", file=sys.stderr)
-            return 2
-    from .config import TrainConfigError, load_config
-    try:
-        cfg = load_config(recipe or DEMO_RECIPE, overrides)
-    except TrainConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
+            raise TrainConfigError(f"more than one recipe given ({recipe}, {a}); overrides look like key=value")
+    from .config import load_config
+    cfg = load_config(recipe or DEMO_RECIPE, overrides)
     if ns.print_config:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
@@ -75,27 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.demo.enabled and cfg.distributed.initialize != "always" and cfg.distributed.coordinator_address is None:
         _cpu_devices_flag()
 
-    from .loop import NonFiniteLoss, Preempted, run_training
-    try:
-        result = run_training(cfg, verbose=not ns.quiet)
-    except Preempted as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 143
-    except NonFiniteLoss as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:  # configuration, data and checkpoint errors are ValueErrors
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
-        return 130
+    from .loop import run_training
+    if cfg.demo.enabled:
+        _prepare_demo(cfg, verbose=not ns.quiet)
+    result = run_training(cfg, verbose=not ns.quiet)
     if cfg.demo.enabled:
         from .demo import demo_report
         demo_report(cfg, result)
     else:
         _summary(result)
     return 0
+
+
+def _prepare_demo(cfg, verbose: bool) -> None:
+    """The demo's corpus, tokenizer and model config, written by process 0 before the run starts."""
+    import jax
+    from .demo import prepare_demo
+    from .setup import maybe_initialize_distributed, sync
+    maybe_initialize_distributed(cfg)
+    if jax.process_index() == 0:
+        prepare_demo(cfg, (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None))
+    sync("demo")
 
 
 def _summary(result) -> None:
@@ -107,6 +103,16 @@ def _summary(result) -> None:
             print(f"{k}: {v:.4f}")
     if result.export_dir:
         print(f"exported: {result.export_dir} (jinavlm generate --checkpoint {result.export_dir} ...)")
+
+
+# The recipe and its overrides may come before or after the options: intermixed parsing.
+COMMAND = Command("train", "train jina-vlm from a YAML recipe (no recipe: the CPU demo)", configure, run,
+                  intermixed=True, description="Train jina-vlm from a YAML recipe.", epilog=EPILOG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: parse, train; returns the exit status (see the module docstring)."""
+    return run_cli(COMMAND, argv, "train.py")
 
 
 if __name__ == "__main__":

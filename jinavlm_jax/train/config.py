@@ -216,15 +216,29 @@ _CHOICES = {
 
 # ---------------------------------------------------------------------------------------- loading
 
+RECIPES = Path(__file__).resolve().parents[1] / "configs"   # the recipes shipped inside the package
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` itself, else the packaged recipe of that name (`stage2_instruct`,
+    `stage2_instruct.yaml` or `configs/stage2_instruct.yaml` work from any directory)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    if (p.parent == Path(".") or p.parent.name == "configs") and (RECIPES / name).is_file():
+        return RECIPES / name
+    shipped = ", ".join(sorted(q.stem for q in RECIPES.glob("*.yaml")))
+    raise TrainConfigError(f"{p}: recipe file not found (recipes shipped with jinavlm-jax: {shipped})")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 base: Mapping[str, Any] | None = None) -> TrainConfig:
     """Read a YAML recipe (or start from `base` / the defaults), apply `key=value` overrides, validate."""
     where = "defaults"
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise TrainConfigError(f"{p}: recipe file not found")
+        p = find_recipe(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -50,7 +50,7 @@ def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict:
     if not (model_dir / "config.json").is_file():
         say(f"demo: training a byte-level BPE tokenizer (vocab {cfg.demo.vocab_size}) -> {model_dir}")
         tok = train_bpe_tokenizer(corpus_text(raw), model_dir, cfg.demo.vocab_size)
-        from .loop import apply_arch
+        from .setup import apply_arch
         model = apply_arch(JinaVLMConfig.tiny(), cfg.model.arch)
         text = dataclasses.replace(model.text, vocab_size=tok["vocab_size"],
                                    additional_vocab_size=tok["additional_vocab_size"])

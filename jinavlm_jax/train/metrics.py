@@ -1,160 +1,19 @@
-"""Training logs: a progress bar, JSONL metrics, TensorBoard event files (no TensorFlow) and a loss PNG.
+"""Training logs: a progress bar (tqdm), JSONL metrics, TensorBoard event files and a loss PNG.
 
-TensorBoard reads `events.out.tfevents.*` files: TFRecord-framed `Event` protocol buffers. Scalars
-need only three small messages (Event, Summary, Summary.Value), so they are encoded here by hand
-(`_event`) with the TFRecord CRC32C framing, instead of depending on TensorFlow or tensorboardX.
-`read_events` parses them back (used by the tests, and handy to inspect a run without TensorBoard).
+TensorBoard's `events.out.tfevents.*` files are written by tensorboardX (no TensorFlow needed);
+`tensorboard --logdir OUTPUT_DIR/tensorboard` shows them, and `metrics.jsonl` holds the same records
+for scripts (`read_metrics`).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-
-
-# ---------------------------------------------------------------------------------------- TFRecord / protobuf
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord framing needs."""
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(tag: int, payload: bytes) -> bytes:
-    return _varint(tag << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, scalars: Mapping[str, float] | None = None,
-           file_version: str | None = None) -> bytes:
-    """Serialised tensorboard Event {1: wall_time double, 2: step int64, 3: file_version, 5: Summary}."""
-    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step & (2**64 - 1))
-    if file_version is not None:
-        msg += _len_field(3, file_version.encode())
-    if scalars:
-        summary = b""
-        for tag, value in scalars.items():
-            # Summary.Value {1: tag string, 2: simple_value float}
-            val = _len_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value))
-            summary += _len_field(1, val)
-        msg += _len_field(5, summary)
-    return msg
-
-
-def _record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-class TensorBoardWriter:
-    """Appends scalar events to `logdir/events.out.tfevents.<time>.<host>` (one file per writer)."""
-
-    def __init__(self, logdir: str | Path):
-        d = Path(logdir)
-        d.mkdir(parents=True, exist_ok=True)
-        self.path = d / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._f = open(self.path, "ab")
-        self._f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
-        self._f.flush()
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.floating, np.integer))}
-        if finite:
-            self._f.write(_record(_event(time.time(), int(step), finite)))
-            self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def read_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
-    """Parse an event file written by TensorBoardWriter: [(step, {tag: value})]; checks every CRC."""
-    data = Path(path).read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        if struct.unpack_from("<I", data, pos + 8)[0] != _masked_crc(data[pos:pos + 8]):
-            raise ValueError(f"{path}: bad length CRC at byte {pos}")
-        body = data[pos + 12:pos + 12 + n]
-        if struct.unpack_from("<I", data, pos + 12 + n)[0] != _masked_crc(body):
-            raise ValueError(f"{path}: bad data CRC at byte {pos}")
-        pos += 16 + n
-        fields = dict(_fields(body))
-        step = fields.get(2, 0)
-        scalars = {}
-        for _, val in (f for f in _fields(fields.get(5, b"")) if f[0] == 1):
-            v = dict(_fields(val))
-            scalars[v[1].decode()] = struct.unpack("<f", v[2])[0]
-        if scalars:
-            out.append((step, scalars))
-    return out
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        tag, wire = key >> 3, key & 7
-        if wire == 0:
-            v, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            v, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            v, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            v, pos = buf[pos:pos + n], pos + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield tag, v
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, pos
 
 
 # ---------------------------------------------------------------------------------------- writers
@@ -171,9 +30,11 @@ class MetricsLog:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._f = open(self.jsonl, "a", encoding="utf-8")
             if tensorboard:
-                self._tb = TensorBoardWriter(self.dir / "tensorboard")
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def write(self, step: int, values: Mapping[str, Any], kind: str = "train") -> None:
+        """Append one record of `kind` ("train" / "eval") at `step` to both logs."""
         if not self.enabled:
             return
         rec = {"kind": kind, "step": int(step), "time": round(time.time(), 3)}
@@ -181,10 +42,13 @@ class MetricsLog:
         self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._f.flush()
         if self._tb is not None:
-            self._tb.scalars(step, {f"{kind}/{k}": v for k, v in rec.items()
-                                    if k not in ("kind", "step", "time") and isinstance(v, (int, float))})
+            for k, v in rec.items():
+                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{kind}/{k}", v, int(step), walltime=rec["time"])
+            self._tb.flush()
 
     def close(self) -> None:
+        """Flush and close both logs."""
         if self.enabled:
             self._f.close()
             if self._tb is not None:
@@ -226,15 +90,22 @@ class Progress:
                         desc="train", file=sys.stderr, mininterval=1.0)
 
     def update(self, n: int, **post) -> None:
+        """Advance by `n` steps (and show `post` values beside the bar)."""
         self.bar.update(n)
         if post:
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in post.items()},
-                                 refresh=False)
+            self.show(**post)
+
+    def show(self, **values) -> None:
+        """Show `values` (e.g. the last fetched loss) beside the bar from the next redraw on."""
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()},
+                             refresh=False)
 
     def write(self, msg: str) -> None:
+        """A line above the bar."""
         self.bar.write(msg, file=sys.stderr)
 
     def close(self) -> None:
+        """Remove the bar (idempotent)."""
         self.bar.close()
 
 

@@ -73,6 +73,11 @@ class ParamGroups:
         """Pytree of bools: True where the param is trained."""
         return jax.tree_util.tree_map(lambda l: l != FROZEN, self.labels)
 
+    def trains(self, tower: str) -> bool:
+        """Whether any param under the top-level key `tower` ("vision", "connector", "text") is trained:
+        then the backward pass runs through that tower (a frozen tower's backward is dropped)."""
+        return any(jax.tree_util.tree_leaves(self.trainable_mask()[tower]))
+
 
 def assign_groups(groups: Mapping[str, GroupConfig], params: Any) -> tuple[Any, dict[str, str]]:
     """Label every param with its group (first regex that `re.search`es its path).

@@ -277,49 +277,6 @@ def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh):
     return jax.jit(lambda key: init_params(model_cfg, key), out_shardings=param_shardings(model_cfg, mesh))
 
 
-# ---------------------------------------------------------------------------------------- FLOPs / MFU
-
-# Dense bf16 peak FLOP/s per device by `device_kind` prefix (public spec sheets).
-PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12), ("NVIDIA L4", 121e12),
-)
-
-
-def peak_flops_per_device(device, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one device (None when unknown, e.g. CPU: MFU is then not reported)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    kind = getattr(device, "device_kind", "")
-    for prefix, flops in PEAK_FLOPS:
-        if kind.startswith(prefix):
-            return flops
-    return None
-
-
-def step_flops(cfg: JinaVLMConfig, batch: int, seq_len: int, crops_per_row: int,
-               trainable_vision: bool = True) -> float:
-    """Model FLOPs of one training step (forward + backward = 3x forward) over every computed
-    position and crop, padding included: 2 FLOPs per multiply-add of every matmul and attention."""
-    t, v, c = cfg.text, cfg.vision, cfg.connector
-    d = t.hidden_size
-    attn_proj = d * (t.n_heads + 2 * t.n_kv_heads) * t.head_dim + t.n_heads * t.head_dim * d
-    per_tok = t.n_layers * (attn_proj + 3 * d * t.mlp_size) + d * t.vocab_size
-    text = 2 * per_tok * batch * seq_len + 2 * 2 * t.n_layers * t.n_heads * t.head_dim * seq_len * seq_len * batch
-    crops = batch * crops_per_row
-    p = v.n_patches
-    vd = v.hidden_size
-    v_tok = v.n_run_layers * (4 * vd * v.n_heads * v.head_dim + 2 * vd * v.mlp_size) + v.patch_dim * vd
-    vision = 2 * v_tok * p * crops + 2 * 2 * v.n_run_layers * v.n_heads * v.head_dim * p * p * crops
-    cin = vd * len(v.vit_layers)
-    pooled = (v.patches_per_side + 1) // 2
-    windows = pooled * pooled * crops
-    hd = c.pool_heads * c.pool_head_dim
-    conn = 2 * windows * (cin * hd + 4 * 2 * cin * hd + hd * hd + 3 * hd * c.projector_size)
-    fwd = text + vision + conn
-    return 3.0 * fwd if trainable_vision else 3.0 * text + fwd - text
-
-
 def count_params(tree) -> int:
+    """Number of elements of every leaf of a param (or abstract param) tree."""
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
