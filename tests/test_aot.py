@@ -182,3 +182,40 @@ def test_a_program_that_cannot_fit_ends_with_a_clear_message(tmp_path, capsys):
     assert "needs at least" in line and "GiB per chip" in line
     assert "remat_policy=full" in line and "fsdp=4" in line
     assert "does not fit" in out.read_text()
+
+
+@needs_libtpu
+def test_tiny_serving_engine_compiles_for_v5e_2x2(tmp_path, capsys):
+    """Serving (issue 11, acceptance 5 on the tiny model): the engine's encode / prefill / insert /
+    generate programs compile for v5e:2x2; the decode state comes back from generate with the layout
+    it went in (slots over data, KV heads over tensor); the report sums HBM per chip."""
+    import json
+    out = tmp_path / "serve.json"
+    rc = aot_cli.main(["--topology", "v5e:2x2", "--mesh", "data=2,fsdp=1,tensor=2", "--job", "serve",
+                       "--max-batch", "4", "--max-model-len", "256", "--crops", "2", "--json", str(out),
+                       "model.config=tiny"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "serving on v5e:2x2" in text
+    r = json.loads(out.read_text())
+    assert set(r["programs"]) == {"serve:encode", "serve:prefill", "serve:insert", "serve:generate"}
+    t = JinaVLMConfig.tiny().text
+    kv = 2 * t.n_layers * 4 * 256 * t.n_kv_heads * t.head_dim * 2  # bf16 (the recipe's compute dtype) K and V
+    assert r["kv_state_bytes_per_device"] == kv / 4
+    gen = r["programs"]["serve:generate"]["memory"]
+    assert gen["argument"] == r["resident_bytes_per_device"] >= kv / 4
+    assert r["peak_bytes_per_device"] >= gen["peak"] and r["fits"]
+
+    from jinavlm_jax.inference import engine
+    from jinavlm_jax.sharding import named
+    job, mesh, _, _ = aot_cli.plan(parse(["--topology", "v5e:2x2", "--mesh", "data=2,fsdp=1,tensor=2", "--job",
+                                          "serve", "--max-batch", "4", "--max-model-len", "256", "--crops", "2",
+                                          "model.config=tiny"]))
+    gen_job = next(j for j in job if j.kind == "serve:generate")
+    from jinavlm_jax.sharding import use_mesh
+    with use_mesh(mesh):
+        compiled = gen_job.fn.lower(*gen_job.args).compile()
+    state_out, _ = compiled.output_shardings
+    want = named(mesh, engine.CACHE_AXES)
+    assert want.spec == P(("data", "fsdp"), None, "tensor", None)
+    for s in jax.tree_util.tree_leaves(state_out.caches):
+        assert s.is_equivalent_to(want, 4), s

@@ -103,6 +103,48 @@ class DecodeState(NamedTuple):
     top_p: jax.Array
 
 
+def _sds(shape, dtype, axes, mesh):
+    from ..sharding import named
+    sharding = None if mesh is None else named(mesh, axes, shape=shape)
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def abstract_state(config: JinaVLMConfig, slots: int, cache_length: int, mesh=None) -> DecodeState:
+    """The DecodeState's shapes, dtypes and (with a mesh) shardings: K/V in the compute dtype."""
+    t = config.text
+    cache = lambda: _sds((slots, cache_length, t.n_kv_heads, t.head_dim), dtype_of(config.dtype), CACHE_AXES, mesh)
+    vec = lambda dt: _sds((slots,), dt, STATE_AXES, mesh)
+    return DecodeState(tuple((cache(), cache()) for _ in range(t.n_layers)),
+                       _sds((slots, cache_length), jnp.bool_, STATE_AXES + (None,), mesh), vec(jnp.int32),
+                       vec(jnp.int32), vec(jnp.int32), vec(jnp.uint32), vec(jnp.float32), vec(jnp.int32),
+                       vec(jnp.float32))
+
+
+def prefill_shapes(config: JinaVLMConfig, length: int, mesh=None) -> tuple:
+    """Abstract arguments of `prefill` after the params, for a prompt bucket of `length` (batch 1)."""
+    d, i32, f32 = config.text.hidden_size, jnp.int32, jnp.float32
+    row = lambda *shape_dtype: _sds(shape_dtype[:-1], shape_dtype[-1], ("act_batch",) + (None,) * (len(shape_dtype) - 2),
+                                    mesh)
+    return (row(1, length, i32), row(1, length, jnp.bool_), row(1, length, d, f32), row(1, length, i32),
+            row(1, jnp.uint32), row(1, f32), row(1, i32), row(1, f32))
+
+
+def insert_shapes(config: JinaVLMConfig, params, length: int, state: DecodeState, mesh=None) -> tuple:
+    """Abstract arguments of `insert` (prefix, state, slot and sampling scalars)."""
+    prefix = jax.eval_shape(partial(prefill, config), params, *prefill_shapes(config, length))
+    # The prefix's layout is left to the compiler (the prefill program's output), as at run time.
+    scalar = lambda dt: _sds((), dt, (), mesh)
+    return (prefix, state, scalar(jnp.int32), scalar(jnp.uint32), scalar(jnp.float32), scalar(jnp.int32),
+            scalar(jnp.float32))
+
+
+def encode_shapes(config: JinaVLMConfig, crops: int, mesh=None) -> tuple:
+    """Abstract arguments of `encode_images` after the params: one image's `crops` crops."""
+    v = config.vision
+    return (_sds((1, crops, v.n_patches, v.patch_dim), jnp.float32, ("act_batch", None, None, None), mesh),
+            _sds((1, crops, v.n_patches), jnp.int32, ("act_batch", None, None), mesh))
+
+
 def constrain_state(state: DecodeState) -> DecodeState:
     """The state's layout on a mesh (slots over data x fsdp, KV heads over tensor), so that every
     program returns it exactly as the next one takes it (no-op without a mesh)."""
@@ -320,57 +362,32 @@ class Engine:
                 prog = self._programs[key] = build()
         return prog
 
-    def _abstract(self, tree):
-        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
-
     def _encode_prog(self, crops: int):
-        c = self.config
-        v = c.vision
-
-        def build():
-            args = (jax.ShapeDtypeStruct((1, crops, v.n_patches, v.patch_dim), jnp.float32),
-                    jax.ShapeDtypeStruct((1, crops, v.n_patches), jnp.int32))
-            return jax.jit(partial(encode_images, c)).lower(self.params, *args).compile()
-        return self._program(("encode", crops), build)
+        return self._program(("encode", crops), lambda: jax.jit(partial(encode_images, self.config)).lower(
+            self.params, *encode_shapes(self.config, crops, self.mesh)).compile())
 
     def _prefill_prog(self, length: int):
-        d = self.config.text.hidden_size
-
-        def build():
-            i32, f32 = jnp.int32, jnp.float32
-            sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
-            args = (sds((1, length), i32), sds((1, length), jnp.bool_), sds((1, length, d), f32),
-                    sds((1, length), i32), sds((1,), jnp.uint32), sds((1,), f32), sds((1,), i32), sds((1,), f32))
-            return jax.jit(partial(prefill, self.config)).lower(self.params, *args).compile()
-        return self._program(("prefill", length), build)
+        return self._program(("prefill", length), lambda: jax.jit(partial(prefill, self.config)).lower(
+            self.params, *prefill_shapes(self.config, length, self.mesh)).compile())
 
     def _insert_prog(self, length: int):
-        def build():
-            prefix = jax.eval_shape(partial(prefill, self.config), self.params, *self._prefill_args(
-                np.zeros(1, np.int64), np.zeros((0, 196), np.int64), [], Sampling(), 0, length))
-            i32, f32 = jnp.int32, jnp.float32
-            sds = lambda dt: jax.ShapeDtypeStruct((), dt)
-            return jax.jit(insert, donate_argnums=1).lower(
-                prefix, self._abstract(self._state), sds(i32), sds(jnp.uint32), sds(f32), sds(i32), sds(f32)).compile()
-        return self._program(("insert", length), build)
+        state = abstract_state(self.config, self.max_batch, self.cache_length, self.mesh)
+        return self._program(("insert", length), lambda: jax.jit(insert, donate_argnums=1).lower(
+            *insert_shapes(self.config, self.params, length, state, self.mesh)).compile())
 
     def _generate_prog(self, filtered: bool):
         def build():
             fn = jax.jit(partial(generate, self.config, self.steps_per_call, filtered), donate_argnums=1)
-            active = jax.ShapeDtypeStruct((self.max_batch,), jnp.bool_)
-            return fn.lower(self.params, self._abstract(self._state), active).compile()
+            active = _sds((self.max_batch,), jnp.bool_, STATE_AXES, self.mesh)
+            return fn.lower(self.params, abstract_state(self.config, self.max_batch, self.cache_length, self.mesh),
+                            active).compile()
         return self._program(("generate", filtered), build)
 
     def _empty_state(self) -> DecodeState:
-        t, n, s = self.config.text, self.max_batch, self.cache_length
-        kv_dtype = dtype_of(self.config.dtype)
-        with mesh_context(self.mesh):
-            cache = lambda: put(np.zeros((n, s, t.n_kv_heads, t.head_dim), kv_dtype), self.mesh, CACHE_AXES)
-            zeros = lambda dt: self._batch(np.zeros(n, dt))
-            return DecodeState(tuple((cache(), cache()) for _ in range(t.n_layers)),
-                               self._batch(np.zeros((n, s), bool)), zeros(np.int32), zeros(np.int32),
-                               zeros(np.int32), zeros(np.uint32), zeros(np.float32), zeros(np.int32),
-                               self._batch(np.ones(n, np.float32)))
+        def zeros(a):
+            z = np.zeros(a.shape, a.dtype)
+            return jax.device_put(z, a.sharding) if a.sharding is not None else jnp.asarray(z)
+        return jax.tree_util.tree_map(zeros, abstract_state(self.config, self.max_batch, self.cache_length, self.mesh))
 
     def crop_buckets(self) -> list[int]:
         """Crop-count buckets one image can need (thumbnail + up to max_crops tiles)."""

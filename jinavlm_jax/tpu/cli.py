@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..command import Command, run_cli
 from ..flops import GiB
-from .jobs import DoesNotFit, compile_job, decode_job, load_recipe, prefill_job, train_job
+from .jobs import DoesNotFit, compile_job, decode_job, load_recipe, prefill_job, serve_jobs, train_job
 from .topology import AOTError, build_mesh, compile_only_devices, parse_topology
 
 HELP = "compile the train step / prefill / decode for a TPU topology without TPUs: memory, FLOPs, MFU bound"
@@ -35,6 +35,8 @@ def plan(args) -> tuple:
     cfg, model_cfg = load_recipe(args.config, args.overrides)
     if args.job == "train":
         job = train_job(cfg, model_cfg, mesh, args.batch_per_chip)
+    elif args.job == "serve":
+        job = serve_jobs(model_cfg, mesh, args.max_batch, args.max_model_len, args.crops)
     else:
         from ..inference import cache_bucket, prompt_bucket
         crops = args.crops
@@ -47,6 +49,11 @@ def plan(args) -> tuple:
         make = prefill_job if args.job == "prefill" else decode_job
         job = make(model_cfg, mesh, rows, prompt_len, crops, cache_len)
     return job, mesh, chip, model_cfg
+
+
+def _num(x, spec: str) -> str:
+    """x formatted, or "n/a" for a figure that does not apply (a program without model FLOPs)."""
+    return "n/a" if x is None else format(x, spec)
 
 
 def format_result(r: dict) -> str:
@@ -62,14 +69,14 @@ def format_result(r: dict) -> str:
         f"({100 * m['peak'] / m['hbm']:.0f}%){'' if m['fits'] else '  DOES NOT FIT'}",
         f"  FLOPs per {r['per']} per device: {f['compiled']:.4g} compiled (matmuls, every scan iteration; "
         f"{f['pallas']:.3g} in Pallas kernels), model {f['model']:.4g} (compiled/model "
-        f"{f['compiled_over_model']:.3f}); XLA cost analysis {f['xla_cost_analysis']:.4g} (loop bodies once)",
+        f"{_num(f['compiled_over_model'], '.3f')}); XLA cost analysis {f['xla_cost_analysis']:.4g} (loop bodies once)",
         f"  bytes accessed per device: {r['bytes_accessed']:.4g} (XLA, loop bodies once)"
         + (f"; {r['bytes_for_bandwidth_bound']:.4g} read per step (decoder weights + KV cache)"
            if r['bytes_for_bandwidth_bound'] != r['bytes_accessed'] else ""),
         f"  at peak ({r['chip_spec']['peak_flops'] / 1e12:.0f} TFLOP/s, {r['chip_spec']['hbm_bandwidth'] / 1e9:.0f} GB/s): "
         f"{r['per']} >= {t['step_lower_bound_s'] * 1e3:.2f} ms (compute {t['compute_bound_s'] * 1e3:.2f} ms, "
-        f"memory {t['memory_bound_s'] * 1e3:.2f} ms), MFU <= {100 * t['mfu_upper_bound']:.1f}%, "
-        f"<= {t['tokens_per_s_upper_bound']:,.0f} tokens/s",
+        f"memory {t['memory_bound_s'] * 1e3:.2f} ms), MFU <= {_num(t['mfu_upper_bound'], '.1%')}, "
+        f"<= {_num(t['tokens_per_s_upper_bound'], ',.0f')} tokens/s",
         f"  compile {r['seconds']['compile']:.1f} s (lower {r['seconds']['lower']:.1f} s)",
     ]
     a = r.get("arithmetic", {})
@@ -92,7 +99,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v5p:2x2x1, v5e:16x16")
     p.add_argument("--num-slices", type=int, default=1, help="slices of that topology (stacked on the data axis)")
     p.add_argument("--mesh", help="data=..,fsdp=..,tensor=.. (default: data=<slices>, fsdp=the rest)")
-    p.add_argument("--job", choices=("train", "prefill", "decode"), default="train")
+    p.add_argument("--job", choices=("train", "prefill", "decode", "serve"), default="train",
+                   help="serve: the serving engine's programs (encode, prefill, insert, generate) for --max-batch "
+                        "decode slots of --max-model-len tokens")
     p.add_argument("--config", metavar="YAML", help="training recipe (configs/*.yaml); its model section is used "
                    "for prefill / decode too (default: the 2.48B model, bf16 compute, one trained group)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -103,6 +112,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(default 1808: one 12-tile image = 1744 tokens + 64 of text -> bucket 2048)")
     p.add_argument("--crops", type=int, default=13, help="prefill/decode: crops per prompt (default 13)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="prefill/decode: sizes the KV cache")
+    p.add_argument("--max-batch", type=int, default=32, help="serve: decode slots (default 32)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="serve: tokens per slot (default 4096)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
     p.add_argument("--allow-oversize", action="store_true", help="report a program that exceeds HBM instead of failing")
 
@@ -116,25 +127,56 @@ def run(args: argparse.Namespace) -> int:
     if "jax" not in sys.modules:  # AOT never runs on the local accelerator: skip probing for one
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     job, mesh, chip, model_cfg = plan(args)
-    print(f"compiling the {job.kind} program for {args.topology} x {args.num_slices} slice(s) "
-          f"({mesh.size} compile-only devices, mesh {dict(mesh.shape)}) ...", file=sys.stderr, flush=True)
+    jobs = job if isinstance(job, list) else [job]
+    print(f"compiling the {', '.join(j.kind for j in jobs)} program(s) for {args.topology} x {args.num_slices} "
+          f"slice(s) ({mesh.size} compile-only devices, mesh {dict(mesh.shape)}) ...", file=sys.stderr, flush=True)
     argv = getattr(args, "argv", None)
     command = "jinavlm aot " + " ".join(argv) if argv is not None else "jinavlm " + " ".join(sys.argv[1:])
-    try:
-        r = compile_job(job, mesh, chip, args.topology, model_cfg, allow_oversize=args.allow_oversize)
-    except DoesNotFit as e:
-        if args.json:
-            save_json({"topology": args.topology, "chip": chip.name, "devices": mesh.size, "mesh": dict(mesh.shape),
-                       "job": job.kind, "static": job.static, "command": command, "error": str(e),
-                       "flops": getattr(e, "flops", None), "arithmetic": job.arithmetic,
-                       "model": {"remat_policy": model_cfg.remat_policy, "attention_impl": model_cfg.attention_impl,
-                                 "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype}}, args.json)
-        raise
-    r["command"] = command
-    print(format_result(r))
+    results = []
+    for j in jobs:
+        try:
+            r = compile_job(j, mesh, chip, args.topology, model_cfg, allow_oversize=args.allow_oversize)
+        except DoesNotFit as e:
+            if args.json:
+                save_json({"topology": args.topology, "chip": chip.name, "devices": mesh.size, "mesh": dict(mesh.shape),
+                           "job": j.kind, "static": j.static, "command": command, "error": str(e),
+                           "flops": getattr(e, "flops", None), "arithmetic": j.arithmetic,
+                           "model": {"remat_policy": model_cfg.remat_policy, "attention_impl": model_cfg.attention_impl,
+                                     "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype}}, args.json)
+            raise
+        r["command"] = command
+        print(format_result(r))
+        results.append(r)
+    out = results[0] if len(results) == 1 else serving_summary(results, chip)
+    if len(results) > 1:
+        print(format_serving(out))
     if args.json:
-        save_json(r, args.json)
+        save_json(out, args.json)
     return 0
+
+
+def serving_summary(results: list[dict], chip) -> dict:
+    """The server's HBM per chip from its programs: params + decode state stay resident (the
+    arguments of `generate`); encode and prefill run beside the state, insert and generate hold it."""
+    by = {r["job"]: r for r in results}
+    gen = by["serve:generate"]
+    state = gen["arithmetic"]["kv_cache_bytes"] / gen["devices"]
+    resident = gen["memory"]["argument"]
+    peak = max(gen["memory"]["peak"], by["serve:insert"]["memory"]["peak"],
+               by["serve:prefill"]["memory"]["peak"] + state, by["serve:encode"]["memory"]["peak"] + state)
+    return {"job": "serve", "topology": gen["topology"], "chip": gen["chip"], "devices": gen["devices"],
+            "mesh": gen["mesh"], "static": gen["static"], "command": gen["command"],
+            "resident_bytes_per_device": resident, "kv_state_bytes_per_device": state,
+            "peak_bytes_per_device": peak, "hbm": chip.hbm_bytes, "fits": peak <= chip.hbm_bytes,
+            "programs": {k: {kk: v for kk, v in r.items() if not kk.startswith("_")} for k, r in by.items()}}
+
+
+def format_serving(s: dict) -> str:
+    G = lambda b: f"{b / GiB:.3f} GiB"
+    return (f"serving on {s['topology']} ({s['devices']} x {s['chip']}), {s['static']}: per chip, resident "
+            f"{G(s['resident_bytes_per_device'])} (params + decode state; state {G(s['kv_state_bytes_per_device'])}), "
+            f"peak {G(s['peak_bytes_per_device'])} of {s['hbm'] / GiB:.2f} GiB HBM"
+            f"{'' if s['fits'] else '  DOES NOT FIT'}")
 
 
 # key=value overrides may follow options: intermixed parsing.

@@ -22,6 +22,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -352,3 +353,41 @@ def _sharding_summary(shardings, limit: int = 400) -> dict:
         if len(out) >= limit:
             break
     return out
+
+
+def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) -> list[Job]:
+    """The serving engine's programs (`inference.engine`) for `max_batch` decode slots whose KV cache
+    holds `prompt_bucket(max_model_len)` positions: `encode` (one image of `crops` crops), `prefill`
+    and `insert` at the longest prompt bucket, and `generate` (every slot one token). A server keeps
+    the params and the decode state resident (the arguments of `generate`); each program adds its
+    temporaries on top."""
+    import jax
+    import jax.numpy as jnp
+
+    from ..inference import engine, prompt_bucket
+    from ..sharding import named
+    params = _inference_params(model_cfg, mesh)
+    length = prompt_bucket(max_model_len)
+    state = engine.abstract_state(model_cfg, max_batch, length, mesh)
+    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": length}
+    base = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(state.caches), "tensor": mesh.shape["tensor"],
+            "fsdp": mesh.shape["fsdp"]}
+    active = _sds((max_batch,), jnp.bool_, named(mesh, engine.STATE_AXES, shape=(max_batch,)))
+    image = model_flops(model_cfg, rows=1, seq_len=0, crops=crops, train=False)
+    vision = image["vision"] + image["connector"]
+    prefill = model_flops(model_cfg, rows=1, seq_len=length, crops=0, train=False, logit_positions=1)["total"]
+    return [
+        Job("serve:encode", jax.jit(partial(engine.encode_images, model_cfg)),
+            (params,) + engine.encode_shapes(model_cfg, crops, mesh), {**static, "crops": crops}, vision, "image",
+            0, base),
+        Job("serve:prefill", jax.jit(partial(engine.prefill, model_cfg)),
+            (params,) + engine.prefill_shapes(model_cfg, length, mesh), {**static, "prompt_len": length}, prefill,
+            "prefill", length, base),
+        Job("serve:insert", jax.jit(engine.insert, donate_argnums=1),
+            engine.insert_shapes(model_cfg, params, length, state, mesh), {**static, "prompt_len": length}, 0.0,
+            "insert", 0, base),
+        Job("serve:generate", jax.jit(partial(engine.generate, model_cfg, 1, True), donate_argnums=1),
+            (params, state, active), static, decode_step_flops(model_cfg, rows=max_batch, cache_len=length),
+            "decode step", max_batch,
+            {**base, "bytes_per_step": _shard_bytes((params.tree["text"], state.caches))}),
+    ]
