@@ -19,6 +19,8 @@ from jinavlm_jax.inference.engine import Engine, QueueFull, RequestError
 from jinavlm_jax.processing import Processor
 from jinavlm_jax.testing import png_bytes
 
+pytestmark = pytest.mark.slow  # compiles the engine / starts servers: minutes on 2 cores
+
 COMPILED = "/jax/core/compile/backend_compile_duration"
 
 
@@ -178,3 +180,37 @@ def test_full_queue_raises(model):
     finally:
         eng.stop(timeout=0)
     assert eng.stats()["finished_cancelled"] == 2
+
+
+def test_sharded_engine_gives_the_same_tokens(tiny_vlm_dir):
+    """On 8 simulated devices (slots over data x fsdp, heads over tensor) the engine gives the tokens
+    it gives on one device, greedy and sampled, with and without images."""
+    from test_sharding import run_8_devices
+    script = f"""
+import json, threading
+from jinavlm_jax import checkpoint
+from jinavlm_jax.generate import Sampling
+from jinavlm_jax.inference.engine import Engine
+from jinavlm_jax.processing import Processor
+from jinavlm_jax.sharding import make_mesh
+from jinavlm_jax.testing import png_bytes
+config, params = checkpoint.load({str(tiny_vlm_dir / "ckpt")!r})
+proc = Processor.from_dir({str(tiny_vlm_dir)!r})
+def run(mesh):
+    eng = Engine(config, params, proc, max_batch=4, max_model_len=1024, mesh=mesh).start(warmup=False)
+    out, done = {{}}, []
+    for i, (n, s) in enumerate([(1, Sampling()), (0, Sampling(0.9, top_k=5)), (1, Sampling(0.8)), (0, Sampling())]):
+        p = proc.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}] * n
+                                       + [{{"type": "text", "text": "red blue " * (i + 1)}}]}}])
+        ev = threading.Event(); done.append(ev); out[i] = []
+        eng.submit(p, [png_bytes(300, 200, i)] * n, max_tokens=10, sampling=s, seed=i,
+                   sink=lambda o, i=i, ev=ev: (out[i].extend(o.token_ids), o.finish_reason and ev.set()))
+    assert all(ev.wait(300) for ev in done)
+    eng.stop(0)
+    return [out[i] for i in range(4)]
+print(json.dumps([run(None), run(make_mesh(data=2, fsdp=2, tensor=2))]))
+"""
+    import json
+    one, sharded = json.loads(run_8_devices(script))
+    assert all(len(t) == 10 for t in one)
+    assert sharded == one

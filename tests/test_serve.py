@@ -29,6 +29,8 @@ from jinavlm_jax.testing import png_bytes
 openai = pytest.importorskip("openai", reason="the [test] extra (openai client) is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 
+pytestmark = pytest.mark.slow  # compiles the engine / starts servers: minutes on 2 cores
+
 IMAGE = png_bytes(300, 200, 1)
 URI = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
 
