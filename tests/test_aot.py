@@ -114,6 +114,7 @@ def _compile(argv):
     return tpu.compile_job(job, mesh, chip, parse(argv).topology, model_cfg), job, mesh, model_cfg
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_train_step_compiles_for_v5e_2x2_with_the_rule_table_shardings():
     """Acceptance 2 (train): the real train step of the tiny model compiles for v5e:2x2 (fsdp 2 x
@@ -148,6 +149,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2_with_the_rule_table_shardings():
     assert t["mfu_upper_bound"] == pytest.approx(job.model_flops / (4 * 197e12 * t["step_lower_bound_s"]))
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_decode_step_compiles_for_v5e_2x2_with_sharded_caches():
     """Acceptance 2 (decode): the real decode loop compiles for v5e:2x2 (data 2 x tensor 2); the KV
@@ -167,6 +169,7 @@ def test_tiny_decode_step_compiles_for_v5e_2x2_with_sharded_caches():
     assert r["per"] == "decode step" and r["memory"]["fits"]
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_program_that_cannot_fit_ends_with_a_clear_message(tmp_path, capsys):
     """Acceptance 3: no remat, no FSDP and a long sequence on v5e: one line naming the chip, the

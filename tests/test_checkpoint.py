@@ -140,6 +140,7 @@ def test_save_checks_params_against_config(tiny, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes(tmp_path):
     """Saved from an fsdp=2 x tensor=4 mesh, restored onto 4x2 and one device; converted by hf-to-orbax
     on 4x2, restored onto 2x4: identical values, each param on the requested sharding."""

@@ -69,6 +69,7 @@ def test_orbax_checkpoint_gives_the_same_answer(model_dir, image, api_answer, ca
     assert out == api_answer + "\n"
 
 
+@pytest.mark.slow
 def test_batch_jsonl_with_progress(model_dir, image, capsys, tmp_path):
     src, dst = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     lines = [{"id": "a", "prompt": "t5 t6 t7", "images": [image]},
@@ -86,6 +87,7 @@ def test_batch_jsonl_with_progress(model_dir, image, capsys, tmp_path):
     assert not (tmp_path / "answers.jsonl.partial").exists()
 
 
+@pytest.mark.slow
 def test_chat_multi_turn(model_dir, image, capsys, monkeypatch):
     code, out, err = run(["chat", "--checkpoint", model_dir, "--max-new-tokens", 3],
                          capsys, stdin=f"t5 t6\n/image {image}\nt7 t8\n/image missing.png\nt9\n/exit\n",

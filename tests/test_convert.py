@@ -142,6 +142,7 @@ def test_cli(tmp_path, capsys):
     assert "MISMATCH" in out and "kl_max" in out and "top5_overlap" in out
 
 
+@pytest.mark.slow
 def test_cli_help_from_repo_root():
     proc = subprocess.run([sys.executable, "-m", "convert", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)

@@ -13,6 +13,8 @@ from jinavlm_jax import JinaVLMConfig, cli
 from jinavlm_jax.efficiency import efficiency_report
 from jinavlm_jax.flops import model_flops
 
+pytestmark = pytest.mark.slow  # compiles the full-size model's programs
+
 
 @pytest.fixture(scope="module")
 def report():

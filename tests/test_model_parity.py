@@ -18,6 +18,8 @@ from jinavlm_jax.weights import official_tensors
 
 from _official import write_official_dir
 
+pytestmark = pytest.mark.slow  # transformers models in torch
+
 TOL = 1e-4
 
 

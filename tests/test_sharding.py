@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
@@ -61,6 +63,7 @@ def run_8_devices(script: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device():
     import json
     res = json.loads(run_8_devices(SCRIPT))

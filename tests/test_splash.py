@@ -116,6 +116,7 @@ def test_tiny_decoder_left_padding_matches_xla(tiny):
     assert rel_err(outs["splash"][1], outs["xla"][1], real) <= RTOL
 
 
+@pytest.mark.slow
 def test_tiny_model_with_images_and_splash_vit_matches_xla(tiny):
     """The whole forward (ViT blocks with splash too, connector, decoder) with a left-padded row."""
     cfg, params = tiny
@@ -174,6 +175,7 @@ print(json.dumps({"err": err, "shard_map": "shard_map" in hlo or "sdy.manual_com
 """
 
 
+@pytest.mark.slow
 def test_sharded_splash_runs_per_shard_and_matches_single_device_xla():
     """8 simulated devices, (data=2, fsdp=2, tensor=2): the kernel runs inside shard_map (batch over
     data x fsdp, heads over tensor) and the whole model still matches the single-device XLA path."""

@@ -22,6 +22,8 @@ import pytest
 from conftest import REPO
 from test_train_support import DEMO, child_env, losses_of, run_child, shared_cache, shared_setup, start_child
 
+pytestmark = pytest.mark.slow  # two-process and 8-device training runs
+
 STEPS = 5
 
 

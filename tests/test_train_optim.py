@@ -91,6 +91,7 @@ FROZEN_VISION = _opt(connector={"regex": "^connector/", "lr": 3e-3, "warmup": 1}
                      text={"regex": "^text/", "lr": 1e-3, "warmup": 4})
 
 
+@pytest.mark.slow
 def test_frozen_group_does_not_change_and_lr_metrics(env):
     groups, ab, before, after = env["groups"], env["abstract"], env["init"], env["after"][-1]
     assert groups.frozen == ("vision",)
@@ -115,6 +116,7 @@ def test_frozen_group_does_not_change_and_lr_metrics(env):
     assert all(m["lr/vision"] == 0.0 for m in lrs)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_chunked_loss_match(env):
     """One step over the batch as 2 micro-batches with a chunked loss == one step over the whole batch."""
     mc, mesh, ab = env["model"], env["mesh"], env["abstract"]
@@ -130,6 +132,7 @@ def test_grad_accumulation_and_chunked_loss_match(env):
                                env["after"][1]["text"]["lm_head"]["kernel"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_xent_equals_plain(env):
     mc = env["model"]
     model = JinaVLM(mc)
@@ -157,6 +160,7 @@ def test_chunked_xent_equals_plain(env):
     np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_splash_train_step_equals_xla(env):
     """The train step with `attention_impl=splash` (Pallas kernel in interpret mode, both towers; the
     decoder gets the batch's segment ids) gives the loss and grad norm of the XLA path (1e-5 relative,

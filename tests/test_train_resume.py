@@ -19,6 +19,8 @@ import pytest
 
 from test_train_support import child_env, losses_of, run_child, shared_cache, shared_setup, start_child, wait_for
 
+pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resumed
+
 STEPS = 10
 
 

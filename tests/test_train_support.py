@@ -17,27 +17,30 @@ from conftest import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
 
-# The child runs train.py's main; env knobs inject faults without touching the production code.
+# The child runs train.py's main; env knobs inject faults through public seams: Orbax's public
+# temporary-path protocol (`TrainCheckpointer.temporary_path_class`) and `Trainer.step`.
 CHILD = textwrap.dedent("""
     import asyncio, os, sys, time
     hang = int(os.environ.get("HANG_FINALIZE_STEP", "0"))
     if hang:
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.AtomicRenameTemporaryPath.finalize
-        async def finalize(self):
-            if os.path.basename(str(self._final_path).rstrip("/")) == str(hang):
-                open(os.environ["MARKER"], "w").write("finalizing")
-                await asyncio.sleep(3600)  # killed here: the step directory is never renamed into place
-            return await original(self)
-        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        import orbax.checkpoint as ocp
+        from jinavlm_jax.train.checkpointing import TrainCheckpointer
+
+        class HangingRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+            async def finalize(self):
+                if self.get_final().name == str(hang):
+                    open(os.environ["MARKER"], "w").write("finalizing")
+                    await asyncio.sleep(3600)  # killed here: the step directory is never renamed into place
+                return await super().finalize()
+        TrainCheckpointer.temporary_path_class = HangingRename
     pause = float(os.environ.get("PAUSE_PER_STEP", "0"))
     if pause:
-        from jinavlm_jax.data import pipeline
-        nxt = pipeline._PackBatchIterator.__next__
-        def slow_next(self):
+        from jinavlm_jax.train.loop import Trainer
+        step = Trainer.step
+        def slow_step(self, n):
             time.sleep(pause)
-            return nxt(self)
-        pipeline._PackBatchIterator.__next__ = slow_next
+            return step(self, n)
+        Trainer.step = slow_step
     from jinavlm_jax.train.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

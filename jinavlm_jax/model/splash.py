@@ -41,11 +41,10 @@ BLOCK_CHOICES = (512, 384, 256, 128)
 
 
 def rule_axes(logical: str) -> tuple[str, ...]:
-    """The mesh axes the active rule table maps the logical axis `logical` to (the table of
-    `sharding.use_mesh`; outside one, `sharding.LOGICAL_RULES`)."""
+    """The mesh axes the active rule table (the one `sharding.use_mesh` sets) maps the logical axis
+    `logical` to; none without a table (the dimension is then not split)."""
     from flax import linen as nn
-    from ..sharding import LOGICAL_RULES
-    ax = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
+    ax = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules())[0]
     return () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
 
 

@@ -25,12 +25,18 @@ import orbax.checkpoint as ocp
 class TrainCheckpointer:
     """Save / restore {state, data iterator, meta} at a step; resume from the latest complete one."""
 
+    # How a step directory becomes visible atomically: Orbax's public `TemporaryPath` protocol (None:
+    # Orbax's default, write into a temporary directory and rename). Fault-injection tests set a
+    # subclass whose `finalize` stops, to kill a run in the middle of a save.
+    temporary_path_class: type | None = None
+
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        extra = {} if self.temporary_path_class is None else {"temporary_path_class": self.temporary_path_class}
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             # Leftovers of a save killed half-way are deleted when the next run starts.
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True, **extra)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -42,6 +48,7 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint kept."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = True) -> bool:
@@ -64,6 +71,7 @@ class TrainCheckpointer:
         return out["state"], dict(out["meta"])
 
     def read_meta(self, step: int) -> dict:
+        """The metadata saved with `step` (recipe, model config, time)."""
         out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
@@ -72,6 +80,7 @@ class TrainCheckpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for the pending save, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
