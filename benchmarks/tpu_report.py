@@ -36,6 +36,8 @@ def _case(topology: str, mesh: str, job: str, *extra: str, slices: int = 1) -> l
         argv += ["--num-slices", str(slices)]
     if job == "train":
         return argv + ["--batch-per-chip", "1", *STAGE2, *extra]
+    if job == "serve":
+        return argv + ["--max-batch", "32", "--max-model-len", "4096", *INFER, *extra]
     return argv + ["--batch", "32", *INFER, *extra]  # INFER ends with an override: extras follow it
 
 
@@ -49,6 +51,7 @@ REPORT_CASES: list[tuple[str, str, list[str]]] = [
     ("decode-v5e-2x2-tp4", "infer", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "decode")),
     ("prefill-v5e-2x2-tp4-splash", "infer", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "prefill",
                                                   "model.attention_impl=splash")),
+    ("serve-v5e-2x2-tp4", "serve", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "serve")),
     ("fit-fsdp1-v5e", "fit", _case("v5e:2x4", "data=8,fsdp=1,tensor=1", "train", "model.remat_policy=none")),
     ("remat-none-v5e-2x4", "remat", _case("v5e:2x4", "data=1,fsdp=8,tensor=1", "train", "model.remat_policy=none")),
     ("remat-none-v5p-2x2x1", "remat", _case("v5p:2x2x1", "data=1,fsdp=4,tensor=1", "train",
@@ -147,6 +150,7 @@ def render_report(results: dict[str, dict]) -> str:
             "prompt, KV cache 4096 slots (prompt + 256 new tokens, next power of two). Prefill: one call. Decode: "
             "the `lax.while_loop` program; its FLOPs and bytes are one loop body = one token for all 32 rows.", ""]
     out += table(sec("infer")) + [""]
+    out += _serving(results)
     if any(i in results for i in sec("fit")):
         out += ["## A configuration that cannot fit", "", "`jinavlm aot` ends with one line instead of a traceback:", ""]
         for i in sec("fit"):
@@ -158,6 +162,28 @@ def render_report(results: dict[str, dict]) -> str:
     out += _acceptance(results)
     out += _method()
     return "\n".join(out) + "\n"
+
+
+def _serving(results: dict) -> list[str]:
+    """The serving engine's programs (`jinavlm aot --job serve`) and the HBM a server needs per chip."""
+    r = results.get("serve-v5e-2x2-tp4")
+    if r is None or "programs" not in r:
+        return []
+    G = lambda b: f"{b / GiB:.2f}"
+    out = ["## Serving: `jinavlm serve` with 32 decode slots of 4096 tokens on v5e:2x2, tensor parallel", "",
+           f"The engine's programs (`inference/engine.py`) for the model section of `{RECIPE}` with bf16 params and "
+           "KV cache: `encode` (one 13-crop image -> connector features), `prefill` (a 4096-token prompt -> its "
+           "K/V and first token), `insert` (the prefix into a slot of the decode state) and `generate` (all 32 "
+           "slots one token). A server keeps the params and the decode state resident (the arguments of "
+           "`generate`); `encode` and `prefill` run beside the state.", "",
+           "| program | arguments (GiB) | temporaries (GiB) | peak (GiB) | compile |", "|---|---|---|---|---|"]
+    for name, p in r["programs"].items():
+        m = p["memory"]
+        out.append(f"| {name} | {G(m['argument'])} | {G(m['temp'])} | {G(m['peak'])} | {p['seconds']['compile']:.0f} s |")
+    out += ["", f"Per chip: resident {G(r['resident_bytes_per_device'])} GiB (params + decode state; the state alone "
+            f"{G(r['kv_state_bytes_per_device'])} GiB), peak {G(r['peak_bytes_per_device'])} GiB of "
+            f"{r['hbm'] / GiB:.2f} GiB HBM{'' if r['fits'] else ': does not fit'}.", ""]
+    return out
 
 
 def _splash_notes(results: dict) -> list[str]:

@@ -214,3 +214,20 @@ print(json.dumps([run(None), run(make_mesh(data=2, fsdp=2, tensor=2))]))
     one, sharded = json.loads(run_8_devices(script))
     assert all(len(t) == 10 for t in one)
     assert sharded == one
+
+
+def test_prompt_bucket_longer_than_the_slot(model):
+    """max_model_len 300: slots of 384 positions, while a 290-token prompt is prefilled in the 512
+    bucket; its tokens still equal generate()'s."""
+    config, params, proc = model
+    eng = Engine(config, params, proc, max_batch=2, max_model_len=300).start(warmup=False)
+    try:
+        k = 1
+        while (n := int(proc([prompt := chat(proc, " ".join(["red"] * k), 0)])["attention_mask"].sum())) <= 256:
+            k += 1
+        assert 256 < n <= 290 and eng.cache_length == 384
+        out = run_all(eng, [dict(prompt=prompt, images=[], max_tokens=300 - n, sampling=Sampling(), seed=0)])[0]
+    finally:
+        eng.stop(timeout=0)
+    g = generate(config, params, proc([prompt]), max_new_tokens=300 - n, stop_ids=proc.stop_ids)
+    assert tokens(out) == g.tokens[0] + ([] if g.stop_tokens[0] is None else [g.stop_tokens[0]])

@@ -103,6 +103,12 @@ class DecodeState(NamedTuple):
     top_p: jax.Array
 
 
+def cache_slots(max_model_len: int, multiple: int = 128) -> int:
+    """KV positions per decode slot: max_model_len rounded up to a multiple of 128 (TPU-friendly tiles;
+    every decode step attends over all of them, so no power-of-two rounding)."""
+    return -(-int(max_model_len) // multiple) * multiple
+
+
 def _sds(shape, dtype, axes, mesh):
     from ..sharding import named
     sharding = None if mesh is None else named(mesh, axes, shape=shape)
@@ -176,7 +182,8 @@ def insert(prefix: Prefix, state: DecodeState, slot, seed, temperature, top_k, t
     shift = lp - n  # the prompt is left padded: roll its tokens to the front of the slot
 
     def place(cache, new):
-        rolled = jnp.roll(new[0], -shift, axis=0).astype(cache.dtype)
+        # The prompt bucket may be longer than the slot: its real tokens (n <= S) are at the front now.
+        rolled = jnp.roll(new[0], -shift, axis=0)[:s].astype(cache.dtype)
         return jax.lax.dynamic_update_slice(cache, rolled[None], (slot, 0, 0, 0))
 
     caches = tuple((place(ck, k), place(cv, v)) for (ck, cv), (k, v) in zip(state.caches, prefix.caches))
@@ -314,8 +321,8 @@ class Engine:
     Args:
         config, params: the model (stacked params or InferenceParams).
         processor: a `processing.Processor` (tokenizer, image processing, stop ids).
-        max_batch: decode slots. max_model_len: prompt + generated tokens per request (the KV cache
-        holds `prompt_bucket(max_model_len)` slots). max_images: images per request. max_queue:
+        max_batch: decode slots. max_model_len: prompt + generated tokens per request (each slot's KV
+        cache holds `cache_slots(max_model_len)` positions). max_images: images per request. max_queue:
         waiting requests beyond which `submit` raises QueueFull. vision_cache: images kept.
         steps_per_call: tokens each slot advances per `generate` call (fewer host round trips;
         a request that stops mid-call discards the rest). mesh: a `sharding.make_mesh` mesh (slots
@@ -333,7 +340,7 @@ class Engine:
         self.config, self.processor, self.mesh = config, processor, mesh
         self.params = prepare_params(config, params, mesh)
         self.max_batch, self.max_model_len = int(max_batch), int(max_model_len)
-        self.cache_length = prompt_bucket(self.max_model_len)
+        self.cache_length = cache_slots(self.max_model_len)
         self.max_images, self.max_queue, self.steps_per_call = int(max_images), int(max_queue), int(steps_per_call)
         self.stop_ids = frozenset(int(s) for s in (processor.stop_ids if stop_ids is None else stop_ids))
         self.vision_cache = VisionCache(vision_cache)

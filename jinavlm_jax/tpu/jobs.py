@@ -357,7 +357,7 @@ def _sharding_summary(shardings, limit: int = 400) -> dict:
 
 def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) -> list[Job]:
     """The serving engine's programs (`inference.engine`) for `max_batch` decode slots whose KV cache
-    holds `prompt_bucket(max_model_len)` positions: `encode` (one image of `crops` crops), `prefill`
+    holds `cache_slots(max_model_len)` positions: `encode` (one image of `crops` crops), `prefill`
     and `insert` at the longest prompt bucket, and `generate` (every slot one token). A server keeps
     the params and the decode state resident (the arguments of `generate`); each program adds its
     temporaries on top."""
@@ -367,9 +367,9 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) 
     from ..inference import engine, prompt_bucket
     from ..sharding import named
     params = _inference_params(model_cfg, mesh)
-    length = prompt_bucket(max_model_len)
-    state = engine.abstract_state(model_cfg, max_batch, length, mesh)
-    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": length}
+    length, slots = prompt_bucket(max_model_len), engine.cache_slots(max_model_len)
+    state = engine.abstract_state(model_cfg, max_batch, slots, mesh)
+    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots}
     base = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(state.caches), "tensor": mesh.shape["tensor"],
             "fsdp": mesh.shape["fsdp"]}
     active = _sds((max_batch,), jnp.bool_, named(mesh, engine.STATE_AXES, shape=(max_batch,)))
@@ -387,7 +387,7 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) 
             engine.insert_shapes(model_cfg, params, length, state, mesh), {**static, "prompt_len": length}, 0.0,
             "insert", 0, base),
         Job("serve:generate", jax.jit(partial(engine.generate, model_cfg, 1, True), donate_argnums=1),
-            (params, state, active), static, decode_step_flops(model_cfg, rows=max_batch, cache_len=length),
+            (params, state, active), static, decode_step_flops(model_cfg, rows=max_batch, cache_len=slots),
             "decode step", max_batch,
             {**base, "bytes_per_step": _shard_bytes((params.tree["text"], state.caches))}),
     ]
