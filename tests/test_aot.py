@@ -203,10 +203,10 @@ def test_tiny_serving_engine_compiles_for_v5e_2x2(tmp_path, capsys):
     assert set(r["programs"]) == {"serve:encode", "serve:prefill", "serve:insert", "serve:generate"}
     t = JinaVLMConfig.tiny().text
     kv = 2 * t.n_layers * 4 * 256 * t.n_kv_heads * t.head_dim * 2  # bf16 (the recipe's compute dtype) K and V
-    assert r["kv_state_bytes_per_device"] == kv / 4
+    assert r["kv_state_bytes_per_device"] >= kv / 4  # + kv_valid and the per-slot vectors
     gen = r["programs"]["serve:generate"]["memory"]
-    assert gen["argument"] == r["resident_bytes_per_device"] >= kv / 4
-    assert r["peak_bytes_per_device"] >= gen["peak"] and r["fits"]
+    assert r["resident_bytes_per_device"] >= gen["argument"] >= kv / 4  # generate reads no vision params
+    assert r["peak_bytes_per_device"] >= r["resident_bytes_per_device"] and r["fits"]
 
     from jinavlm_jax.inference import engine
     from jinavlm_jax.sharding import named

@@ -156,14 +156,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serving_summary(results: list[dict], chip) -> dict:
-    """The server's HBM per chip from its programs: params + decode state stay resident (the
-    arguments of `generate`); encode and prefill run beside the state, insert and generate hold it."""
+    """The server's HBM per chip from its programs: every param and the decode state stay resident;
+    each program adds its temporaries and outputs that do not alias an input (a program's own argument
+    bytes leave out params it does not read, so they are not used for the resident part)."""
     by = {r["job"]: r for r in results}
     gen = by["serve:generate"]
-    state = gen["arithmetic"]["kv_cache_bytes"] / gen["devices"]
-    resident = gen["memory"]["argument"]
-    peak = max(gen["memory"]["peak"], by["serve:insert"]["memory"]["peak"],
-               by["serve:prefill"]["memory"]["peak"] + state, by["serve:encode"]["memory"]["peak"] + state)
+    resident = gen["arithmetic"]["resident_bytes_per_device"]
+    state = gen["arithmetic"]["state_bytes_per_device"]
+    peak = resident + max(r["memory"]["temp"] + r["memory"]["output"] - r["memory"]["alias"] for r in results)
     return {"job": "serve", "topology": gen["topology"], "chip": gen["chip"], "devices": gen["devices"],
             "mesh": gen["mesh"], "static": gen["static"], "command": gen["command"],
             "resident_bytes_per_device": resident, "kv_state_bytes_per_device": state,

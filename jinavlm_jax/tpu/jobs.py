@@ -370,8 +370,11 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) 
     length, slots = prompt_bucket(max_model_len), engine.cache_slots(max_model_len)
     state = engine.abstract_state(model_cfg, max_batch, slots, mesh)
     static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots}
+    # What a server holds per chip all the time: every param (a program's argument bytes leave out
+    # params it does not read, e.g. generate the vision tower) and the whole decode state.
     base = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(state.caches), "tensor": mesh.shape["tensor"],
-            "fsdp": mesh.shape["fsdp"]}
+            "fsdp": mesh.shape["fsdp"], "resident_bytes_per_device": _shard_bytes((params, state)),
+            "state_bytes_per_device": _shard_bytes(state)}
     active = _sds((max_batch,), jnp.bool_, named(mesh, engine.STATE_AXES, shape=(max_batch,)))
     image = model_flops(model_cfg, rows=1, seq_len=0, crops=crops, train=False)
     vision = image["vision"] + image["connector"]
