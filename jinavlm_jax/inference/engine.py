@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import queue
 import sys
 import threading
 import time

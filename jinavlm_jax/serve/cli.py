@@ -9,6 +9,7 @@ for --shutdown-timeout seconds, cancels the rest and exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import sys
 from pathlib import Path
@@ -45,9 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
+    if not all(importlib.util.find_spec(m) for m in ("uvicorn", "starlette", "prometheus_client")):
         print("jinavlm serve: error: needs the [serve] extra: pip install 'jinavlm-jax[serve]'", file=sys.stderr)
         return 1
 
