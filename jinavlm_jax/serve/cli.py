@@ -69,14 +69,15 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, say) -> int:
     import uvicorn
 
-    from ..cli import _mesh, _processor, load_model
+    from ..cli import _processor, load_model
     from ..inference.engine import Engine
+    from ..sharding import mesh_from_spec
     from .app import create_app
 
     for d in args.allowed_local_media:
         if not Path(d).is_dir():
             raise ValueError(f"--allowed-local-media {d}: not a directory")
-    mesh = _mesh(args.mesh)
+    mesh = mesh_from_spec(args.mesh) if args.mesh else None
     say(f"loading {args.checkpoint}")
     config, params = load_model(args.checkpoint, args.dtype, mesh)
     engine = Engine(config, params, _processor(args), max_batch=args.max_batch, max_model_len=args.max_model_len,
