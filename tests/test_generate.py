@@ -96,6 +96,7 @@ def greedy_by_full_forward(config, params, batch, n: int) -> np.ndarray:
     return np.stack(out, 1)
 
 
+@pytest.mark.slow
 def test_kv_cache_greedy_equals_full_forward(set1, gen, testdata):
     """Acceptance 1: batch of 3, different prompt lengths and images, cache vs no-cache, token for token."""
     batch = collate([sample_from_case(testdata, "synth_378x378", [], [11, 12, 13, 520, 14]),
@@ -159,6 +160,7 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_single_device(testdata):
     """Acceptance 3: data x fsdp x tensor = 2 x 2 x 2 simulated devices; batch 3 is padded to 4 rows.
     Also 1 x 2 x 4, where tensor exceeds the 2 KV heads (they are replicated, as the rules say)."""

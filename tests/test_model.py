@@ -81,6 +81,7 @@ def _pool_loop_reference(feats, masks, p):
     return out
 
 
+@pytest.mark.slow
 def test_vectorised_pooling_equals_loop():
     cfg = JinaVLMConfig.tiny()
     params = init_params(cfg, 3)
@@ -103,6 +104,7 @@ def test_vectorised_pooling_equals_loop():
 
 # ------------------------------------------------------------------ dtypes
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
     """bf16 compute (fp32 params) gives logits within 2e-2 of fp32.
 
@@ -129,6 +131,7 @@ def test_bf16_compute_close_to_fp32():
     assert 1e-4 < err <= 2e-2, f"bf16 relative error {err:.3e}"  # > 1e-4: bf16 really ran
 
 
+@pytest.mark.slow
 def test_bf16_params_and_remat_policies():
     """bf16 params run; every remat policy gives the same loss and gradients as none (fp32, 1e-6)."""
     from jinavlm_jax.model import VisionConfig

@@ -48,6 +48,7 @@ def test_config_validates_attention_impl():
         JinaVLMConfig.tiny(attention_impl="flash")
 
 
+@pytest.mark.slow
 def test_causal_gqa_left_padding_and_packing_match_xla_with_grads():
     """Causal GQA (4 query / 2 KV heads), L=20 padded to 128 inside; row 1 left padded, row 2 two
     packed segments + right padding. Output and gradients of a loss on real rows match."""

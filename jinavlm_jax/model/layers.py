@@ -68,21 +68,25 @@ class Dense(nn.Module):
         return y.astype(self.out_dtype or self.dtype)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias, computed in float32."""
+class _Norm(nn.Module):
+    """What both norms share: epsilon, the logical axis of their [d] weights, dtypes."""
 
     eps: float = 1e-6
     axis_name: str = "embed"
     dtype: Dtype = F32
     param_dtype: Dtype = F32
 
+    def vector(self, name: str, init, size: int) -> jax.Array:
+        return self.param(name, nn.with_logical_partitioning(init, (self.axis_name,)), (size,), self.param_dtype)
+
+
+class LayerNorm(_Norm):
+    """LayerNorm with weight and bias, computed in float32."""
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                           (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                          (d,), self.param_dtype)
+        scale = self.vector("scale", nn.initializers.ones, x.shape[-1])
+        bias = self.vector("bias", nn.initializers.zeros, x.shape[-1])
         x32 = x.astype(F32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -90,23 +94,16 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(F32) + bias.astype(F32)).astype(self.dtype)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_Norm):
     """RMSNorm, weight only: w * cast_to_input_dtype(x32 * rsqrt(mean(x32^2) + eps)) (spec 6.4).
 
     The weight multiplies in the input's dtype (float32 for the residual stream) before the single
     cast to the compute dtype.
     """
 
-    eps: float = 1e-6
-    axis_name: str = "embed"
-    dtype: Dtype = F32
-    param_dtype: Dtype = F32
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                           (d,), self.param_dtype)
+        scale = self.vector("scale", nn.initializers.ones, x.shape[-1])
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(self.dtype)
@@ -123,12 +120,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     b, lq, h, hd = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
+    if lq == 1:
+        return _attention_one_query(q, k, v, mask, dtype).reshape(b, lq, h, hd)
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
     return o.reshape(b, lq, h, hd).astype(dtype)
+
+
+def _attention_one_query(q, k, v, mask, dtype):
+    """One query per row (a decode step over a KV cache [B, S, KV, hd]) as multiply-and-sum loops that
+    read the cache once in its own layout. As einsums, the batched dots over (B, KV) make XLA
+    transpose the whole K and V caches on every step (two copies of the cache per layer), which
+    costs more than the attention itself. Same products and float32 sums as the einsum path."""
+    q = q[:, 0].astype(dtype).astype(F32)  # [B, KV, G, hd]
+    s = jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)  # [B, S, KV, G]
+    if mask is not None:
+        s = jnp.where(mask[:, 0, :, None, None], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=1).astype(dtype).astype(F32)
+    o = jnp.sum(p[..., None] * v.astype(dtype).astype(F32)[:, :, :, None, :], axis=1)  # [B, KV, G, hd]
+    return o[:, None].astype(dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
