@@ -36,7 +36,7 @@ from .model.config import ConfigError, JinaVLMConfig
 from .model.jinavlm import JinaVLM, tokens_per_crop
 from .sharding import mesh_from_spec, param_shardings
 from .weights.hf_components import open_components
-from .weights.official import load_jina_vlm, load_params, official_table, official_tensors
+from .weights.official import load_params, official_table, official_tensors
 from .weights.safetensors_io import (INDEX_NAME, CheckpointError, CheckpointReader, write_safetensors_stream)
 
 EXIT_OK, EXIT_ERROR, EXIT_MISMATCH = 0, 1, 3
