@@ -133,6 +133,24 @@ def test_grad_accumulation_and_chunked_loss_match(env):
 
 
 @pytest.mark.slow
+def test_unrolled_decoder_step_equals_scanned(env):
+    """`unroll_layers=True` (the recipe's model.scan_layers: false): the same stacked state and two
+    steps with the same losses, gradient norms and updated params as the scanned step (fp32)."""
+    mc, mesh, ab = env["model"], env["mesh"], env["abstract"]
+    tx, groups = make_optimizer(FROZEN_VISION, 10, ab)
+    steps = make_steps(mc, tx, groups, mesh, ab, loss_chunk=0, unroll_layers=True)
+    state = init_state(tx, steps.state_shardings, random_params(mc, mesh, 0))
+    for i, b in enumerate(env["batches"]):
+        state, m = steps.train(state, put_batch(b, mesh))
+        assert float(m["loss"]) == pytest.approx(env["metrics"][i]["loss"], rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(env["metrics"][i]["grad_norm"], rel=1e-4)
+    got = jax.device_get(state["params"])
+    assert got["text"]["layers"]["q"]["kernel"].shape[0] == mc.text.n_layers  # still stacked
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(env["after"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_chunked_xent_equals_plain(env):
     mc = env["model"]
     model = JinaVLM(mc)

@@ -200,7 +200,7 @@ def make_optimizer_and_steps(cfg: TrainConfig, model_cfg, mesh) -> tuple[Any, An
     abstract = abstract_params(model_cfg)
     tx, groups = make_optimizer(cfg.optimizer, cfg.run.steps, abstract)
     steps = make_steps(model_cfg, tx, groups, mesh, abstract, grad_accum=cfg.optimizer.grad_accum,
-                       loss_chunk=cfg.run.loss_chunk)
+                       loss_chunk=cfg.run.loss_chunk, unroll_layers=not cfg.model.scan_layers)
     return abstract, tx, groups, steps
 
 

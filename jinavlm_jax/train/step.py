@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..inference.params import unstack_layers
 from ..model import JinaVLM, JinaVLMConfig
 from ..model.layers import constrain
 from ..model.text import SegmentMask
@@ -50,7 +51,9 @@ def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int):
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     loss = (lse - picked) * weights
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights
+    # "the label has the largest logit": a max-reduce and a compare (an argmax is a variadic reduce
+    # with an index that XLA:CPU runs several times slower); differs from argmax only on exact ties.
+    correct = (picked >= logits.max(axis=-1)).astype(jnp.float32) * weights
     return loss.sum(), correct.sum()
 
 
@@ -86,7 +89,13 @@ def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: 
 
 
 def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int) -> dict:
-    """Forward pass of one (micro-)batch -> {'loss_sum', 'correct', 'tokens'} (all float32 scalars)."""
+    """Forward pass of one (micro-)batch -> {'loss_sum', 'correct', 'tokens'} (all float32 scalars).
+
+    A model with unrolled decoder layers (`scan_layers=False`) takes the stacked params of the train
+    state: their per-layer slices are taken here, inside the compiled step, so the gradient flows back
+    into the stacked tree."""
+    if not model.config.scan_layers and "layers" in params["text"]:
+        params = unstack_layers(params, model.config.text.n_layers)
     images = batch.get("images")
     if images is not None:
         x = model.apply({"params": params}, batch["input_ids"], images, batch["image_masks"],
@@ -153,14 +162,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, groups: ParamGroups,
-               mesh: Mesh, abstract_params: Any, *, grad_accum: int = 1, loss_chunk: int = 1024) -> StepFns:
+               mesh: Mesh, abstract_params: Any, *, grad_accum: int = 1, loss_chunk: int = 1024,
+               unroll_layers: bool = False) -> StepFns:
     """Build the jitted train and eval steps for this model, optimizer and mesh.
 
     train(state, batch) -> (state, metrics): the state is donated; metrics are replicated scalars
     (loss, accuracy, tokens, grad_norm, lr/<group>). eval(state, batch) -> sums for held-out loss.
     Call both under `sharding.use_mesh(mesh)` with global arrays (see `put_batch`).
+    `unroll_layers`: run the decoder layers as a Python loop instead of `nn.scan` (the state keeps
+    the stacked layout of `model_cfg`; see `loss_sums`).
     """
-    model = JinaVLM(model_cfg)
+    model = JinaVLM(model_cfg.replace(scan_layers=False) if unroll_layers else model_cfg)
     trainable = groups.trainable_mask()
     shardings = state_shardings(model_cfg, tx, mesh, abstract_params)
     replicated = NamedSharding(mesh, P())
