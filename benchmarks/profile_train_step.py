@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         for k, us in sums.most_common():
             print(f"| {k} | {us / 1e3:.1f} | {100 * us / total:.0f}% |")
         print()
-    print(f"| thunk | ms per step | HLO shape | from |\n|---|---|---|---|")
+    print("| thunk | ms per step | HLO shape | from |\n|---|---|---|---|")
     for n, us in thunks.most_common(args.top):
         shape, op, _ = info[n]
         print(f"| {n} | {us / 1e3:.1f} | `{shape[:40]}` | {op[-90:]} |")
