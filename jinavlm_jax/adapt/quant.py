@@ -194,3 +194,71 @@ def quantized_shardings(float_shardings: dict, qtree: dict, mesh) -> dict:
             return x.replace(array=x.array.replace(qvalue=s, scale=scale))
         return s
     return jax.tree_util.tree_map(conv, float_shardings, qtree, is_leaf=lambda n: is_quantized(n))
+
+
+# ----------------------------------------------------------------------------- quantized checkpoints
+
+def save_quantized(directory, config: JinaVLMConfig, params, *, overwrite: bool = False,
+                   source: dict | None = None):
+    """An Orbax checkpoint of InferenceParams with int8 kernels (per-layer layout, `to_plain` form):
+    the same directory format as `checkpoint.save` plus a `quantization` entry in its metadata."""
+    import json
+    import time
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from ..checkpoint import FORMAT, FORMAT_VERSION, META_NAME, PARAMS_DIR, RUNTIME_FIELDS, _checkpointer, \
+        atomic_directory
+    if params.quant is None:
+        raise AdaptError("save_quantized: the params are not quantized (prepare_params(..., quantize='int8'))")
+    directory = Path(directory).absolute()
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_hf(),
+            "runtime": {k: getattr(config, k) for k in RUNTIME_FIELDS},
+            "quantization": {**params.quant.to_json(), "layout": "per-layer", "library": "qwix"},
+            "source": dict(source or {}), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with atomic_directory(directory, overwrite) as tmp:
+        with _checkpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(to_plain(params.tree)))
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def load_quantized(directory, meta: dict, mesh=None):
+    """(config, InferenceParams) from `save_quantized`'s directory: the int8 arrays are restored as
+    they are (no float kernel is ever materialised), onto `mesh` when given (default: one device)."""
+    from pathlib import Path
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from ..checkpoint import PARAMS_DIR, _check_tree, _checkpointer
+    from ..inference.params import InferenceParams, inference_config, inference_shardings
+    from ..sharding import make_mesh
+    from ..weights.safetensors_io import CheckpointError
+    directory = Path(directory).absolute()
+    config = JinaVLMConfig.from_hf(meta["config"], **meta.get("runtime", {}))
+    try:
+        quant = Quantization.parse(meta["quantization"])
+    except AdaptError as e:
+        raise CheckpointError(f"{directory}: quantization entry: {e}") from None
+    abstract = to_plain(abstract_quantized(inference_config(config), quant))
+    with _checkpointer() as ckptr:
+        try:
+            stored = ckptr.metadata(directory / PARAMS_DIR).item_metadata.tree
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise CheckpointError(f"{directory / PARAMS_DIR}: Orbax params missing or unreadable ({e})") from None
+        _check_tree(abstract, jax.tree_util.tree_map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), stored),
+                    f"{directory} ({quant.name})")
+        if mesh is None:
+            mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        shardings = to_plain(inference_shardings(config, mesh, quant))
+        target = jax.tree_util.tree_map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
+                                        stored, shardings)
+        plain = ckptr.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    kinds = {np.dtype(m.dtype).name for p, m in jax.tree_util.tree_leaves_with_path(stored)
+             if np.dtype(m.dtype).kind == "f"}
+    if len(kinds) == 1:
+        config = config.replace(param_dtype=kinds.pop())
+    return config, InferenceParams(from_plain(plain, abstract_quantized(inference_config(config), quant)), quant)

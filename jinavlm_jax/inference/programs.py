@@ -78,6 +78,17 @@ def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, i
 prefill_jit = jax.jit(prefill, static_argnums=(0, 1))
 
 
+def full_logits(config: JinaVLMConfig, params: InferenceParams, input_ids, images=None, image_masks=None,
+                image_input_idx=None):
+    """Logits [B, L, V] at every position (no cache) from InferenceParams, float or quantized: what
+    `convert check-logits` and `benchmarks/bench_quantize.py` compare."""
+    return model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
+                                                 image_input_idx)
+
+
+full_logits_jit = jax.jit(full_logits, static_argnums=0)
+
+
 # A streaming callback is one Python function shared by every compiled decode loop; it forwards to
 # the sink of the running generate() call (one call at a time, hence the lock).
 STREAM_LOCK = threading.Lock()

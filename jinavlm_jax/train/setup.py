@@ -183,6 +183,9 @@ def initial_params(cfg: TrainConfig, model_cfg, mesh):
     except CheckpointError as e:
         raise TrainConfigError(f"model.init: {init!r} is not 'random', a jinavlm-jax checkpoint or an official "
                                f"Hugging Face model directory: {e}") from None
+    if not isinstance(params, dict):
+        raise TrainConfigError(f"model.init: {init} holds quantized inference weights (python -m convert quantize); "
+                               "training needs the float checkpoint they were made from")
     same = lambda c: (c.vision, c.connector, c.text)
     if same(loaded_cfg) != same(model_cfg):
         raise TrainConfigError(f"model.init: {init} holds a different architecture than model.config "
