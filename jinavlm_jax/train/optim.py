@@ -108,7 +108,7 @@ def assign_groups(groups: Mapping[str, GroupConfig], params: Any, only: Callable
         raise TrainConfigError(f"optimizer.groups: no group matches {shown}; every parameter needs a group "
                                "(add e.g. `rest: {regex: '.*', lr: 1e-5}` last, or `lr: null` to freeze)")
     unused = [name for name in groups if name not in set(by_path.values())]
-    if unused:
+    if unused and only is None:  # (LoRA: groups written for full training may match no adapter)
         raise TrainConfigError(f"optimizer.groups: group(s) {unused} match no parameter (an earlier group's "
                                "regex takes them, or the regex is wrong); param paths look like "
                                f"{next(iter(by_path))!r}")
