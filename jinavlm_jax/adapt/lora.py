@@ -77,7 +77,7 @@ class LoraSpec:
 
     @property
     def qtype(self):
-        return {"int8": "int8", "nf4": "nf4"}.get(self.base_dtype)
+        return {"int8": jnp.int8, "nf4": "nf4"}.get(self.base_dtype)
 
     def inference(self) -> "LoraSpec":
         """The same adapter without dropout (evaluation: Qwix applies LoRA dropout whenever it is > 0)."""
@@ -164,11 +164,12 @@ def prepare_base(config: JinaVLMConfig, spec: LoraSpec, base: dict) -> dict:
     """Float base params -> the frozen base of LoRA training: float params cast to `spec.float_dtype`,
     the matched kernels quantized (int8 / nf4: QLoRA) like Qwix's abstract init says."""
     abstract, _ = split_adapter(abstract_lora(config, spec))
+    if spec.qtype is not None:
+        base = quantize_like(base, abstract)   # from the float params: scales in their dtype, as Qwix's init
     dt = jnp.dtype(spec.float_dtype)
-    base = jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
-    if spec.qtype is None:
-        return base
-    return quantize_like(base, abstract)
+    flat = traverse_util.flatten_dict(base)
+    return traverse_util.unflatten_dict({k: v if is_quantized(v) or not jnp.issubdtype(v.dtype, jnp.floating)
+                                         else v.astype(dt) for k, v in flat.items()})
 
 
 def init_adapter(config: JinaVLMConfig, spec: LoraSpec, seed: int = 0) -> dict:

@@ -28,7 +28,8 @@ from ..model import JinaVLM, JinaVLMConfig
 from ..model.jinavlm import dummy_inputs
 from . import DECODER_PROJECTIONS, LM_HEAD, AdaptError, require_qwix
 
-DTYPES = ("int8",)
+QTYPES = {"int8": jnp.int8}   # our names -> Qwix qtypes
+DTYPES = tuple(QTYPES)
 # The decoder projections (both layouts) and the LM head. The connector is small and stays float.
 DECODER_REGEX = DECODER_PROJECTIONS + "|" + LM_HEAD
 VISION_REGEX = r"vision/.*"
@@ -80,7 +81,7 @@ class Quantization:
 def provider(quant: Quantization):
     """Qwix's PTQ provider for `quant`: one rule, weight-only (no activation qtype), dot_general only."""
     qwix = require_qwix()
-    return qwix.PtqProvider([qwix.QuantizationRule(module_path=quant.regex, weight_qtype=quant.dtype,
+    return qwix.PtqProvider([qwix.QuantizationRule(module_path=quant.regex, weight_qtype=QTYPES[quant.dtype],
                                                    op_names=("dot_general",))])
 
 
