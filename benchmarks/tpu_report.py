@@ -70,6 +70,11 @@ REPORT_CASES: list[tuple[str, str, list[str]]] = [
                                                           "model.attention_impl=splash")),
     ("remat-none-v5p-2x2x1-splash", "remat", _case("v5p:2x2x1", "data=1,fsdp=4,tensor=1", "train",
                                                    "model.remat_policy=none", "model.attention_impl=splash")),
+    # Adapt and shrink (issue 12): int8 weight-only inference (Qwix) and the LoRA train step.
+    ("decode-v5e-2x2-tp4-int8", "adapt", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "decode", "--quantize", "int8")),
+    ("prefill-v5e-2x2-tp4-int8", "adapt", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "prefill", "--quantize", "int8")),
+    ("train-v5e-2x4-lora", "adapt", _case("v5e:2x4", "data=1,fsdp=8,tensor=1", "train", "model.remat_policy=full",
+                                          "lora.rank=16", "lora.base_dtype=bfloat16")),
 ]
 
 
@@ -151,6 +156,7 @@ def render_report(results: dict[str, dict]) -> str:
             "the `lax.while_loop` program; its FLOPs and bytes are one loop body = one token for all 32 rows.", ""]
     out += table(sec("infer")) + [""]
     out += _serving(results)
+    out += _adapt(results)
     if any(i in results for i in sec("fit")):
         out += ["## A configuration that cannot fit", "", "`jinavlm aot` ends with one line instead of a traceback:", ""]
         for i in sec("fit"):
@@ -184,6 +190,42 @@ def _serving(results: dict) -> list[str]:
             f"{G(r['kv_state_bytes_per_device'])} GiB), peak {G(r['peak_bytes_per_device'])} GiB of "
             f"{r['hbm'] / GiB:.2f} GiB HBM{'' if r['fits'] else ': does not fit'}.", ""]
     return out
+
+
+def _adapt(results: dict) -> list[str]:
+    """int8 weight-only decode / prefill against bf16, and the LoRA train step against full fine-tuning."""
+    ids = [i for i, section, _ in REPORT_CASES if section == "adapt"]
+    if not any(i in results for i in ids):
+        return []
+    G = lambda b: b / GiB
+    out = ["## Adapt and shrink: int8 weights and LoRA", "",
+           "int8: `--quantize int8` (Qwix weight-only: the decoder projections and LM head int8 with per-channel "
+           "scales, dequantized inside the matmul; embeddings, norms and the vision tower bf16), the same "
+           "inference programs and shapes as above. LoRA: the stage-2 train step with `lora.rank=16` "
+           "(adapters on the decoder's q/k/v/out/up/gate/down, frozen bf16 base, AdamW state for the adapters "
+           "only), the mesh and remat of `train-v5e-2x4`.", ""]
+    pairs = [("decode-v5e-2x2-tp4-int8", "decode-v5e-2x2-tp4"), ("prefill-v5e-2x2-tp4-int8", "prefill-v5e-2x2-tp4"),
+             ("train-v5e-2x4-lora", "train-v5e-2x4")]
+    out += ["| case | against | peak per chip (GiB) | arguments (GiB) | temporaries (GiB) | arguments ratio | "
+            "peak ratio | optimizer state (all chips) |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        ra, rb = results.get(a), results.get(b)
+        if not ra or not rb or "error" in ra or "error" in rb:
+            continue
+        ma, mb = ra["memory"], rb["memory"]
+        opt = ra.get("arithmetic", {}).get("opt_state_bytes")
+        opt_b = rb.get("arithmetic", {}).get("opt_state_bytes")
+        out.append(f"| {a} | {b} | {G(ma['peak']):.2f} vs {G(mb['peak']):.2f} | {G(ma['argument']):.2f} vs "
+                   f"{G(mb['argument']):.2f} | {G(ma['temp']):.2f} vs {G(mb['temp']):.2f} | "
+                   f"{ma['argument'] / mb['argument']:.3f} | {ma['peak'] / mb['peak']:.3f} | "
+                   + (f"{G(opt):.3f} vs {G(opt_b):.2f} GiB" if opt is not None and opt_b is not None else "-") + " |")
+    d = results.get("decode-v5e-2x2-tp4-int8")
+    if d and "error" not in d:
+        a = d["arithmetic"]
+        out += ["", f"The int8 decode program's arguments hold the params ({G(a['param_bytes']):.2f} GiB in all, "
+                f"int8 kernels + bf16 rest) and the bf16 KV cache ({G(a['kv_cache_bytes']):.2f} GiB in all), which "
+                "int8 weights do not shrink."]
+    return out + [""]
 
 
 def _splash_notes(results: dict) -> list[str]:
