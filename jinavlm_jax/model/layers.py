@@ -30,8 +30,16 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype) -> ja
     """Contract the last `n_contract` dims of x with the first `n_contract` dims of kernel (f32 accumulate)."""
     xc = tuple(range(x.ndim - n_contract, x.ndim))
     kc = tuple(range(n_contract))
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((xc, kc), ((), ())),
+    return jax.lax.dot_general(x.astype(dtype), cast_kernel(kernel, dtype), ((xc, kc), ((), ())),
                                preferred_element_type=F32)
+
+
+def cast_kernel(kernel, dtype: Dtype):
+    """The kernel in the compute dtype. An int8 kernel (Qwix's `WithAux(QArray)`, `adapt.quant`) keeps its
+    int8 values and gets its scales in `dtype` (Qwix's own `WithAux.astype` cannot re-box a QArray)."""
+    if isinstance(kernel, jax.Array):
+        return kernel.astype(dtype)
+    return kernel.replace(array=kernel.array.astype(dtype))
 
 
 class Dense(nn.Module):
