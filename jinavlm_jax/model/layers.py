@@ -172,6 +172,8 @@ def stack_layers(layer_cls: type[nn.Module], n: int, *, remat_policy: str, in_ax
     The layer is called as `layer(carry, *args) -> (carry, ys)`; `in_axes` gives, per extra arg,
     `nn.broadcast` or a scanned axis. `remat_policy` != 'none' wraps the layer body in `nn.remat`
     with that policy, so the backward pass recomputes what the policy does not save.
+    The "dropout" rng stream (LoRA dropout, `adapt.lora`) reaches the layers, split per layer.
     """
-    return nn.scan(remat_layer(layer_cls, remat_policy), variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(remat_layer(layer_cls, remat_policy), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=in_axes, length=n, metadata_params={nn.PARTITION_NAME: "layers"})
