@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+import os  # noqa: E402
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # with libtpu installed, do not probe for TPU chips
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402

@@ -222,9 +222,14 @@ def _adapt(results: dict) -> list[str]:
     d = results.get("decode-v5e-2x2-tp4-int8")
     if d and "error" not in d:
         a = d["arithmetic"]
-        out += ["", f"The int8 decode program's arguments hold the params ({G(a['param_bytes']):.2f} GiB in all, "
-                f"int8 kernels + bf16 rest) and the bf16 KV cache ({G(a['kv_cache_bytes']):.2f} GiB in all), which "
-                "int8 weights do not shrink."]
+        kv = a["kv_cache_bytes"] / a["tensor"]   # the KV heads split over tensor
+        b = results.get("decode-v5e-2x2-tp4")
+        out += ["", f"The decode program's arguments are the params it reads and the bf16 KV cache of 32 x 4096 slots "
+                f"({G(kv):.2f} GiB per chip), which int8 weights do not shrink. Without the cache: "
+                + (f"{G(d['memory']['argument'] - kv):.2f} GiB (int8) against "
+                   f"{G(b['memory']['argument'] - kv):.2f} GiB (bf16) per chip, "
+                   f"{(d['memory']['argument'] - kv) / (b['memory']['argument'] - kv):.2f}x; " if b and "error" not in b else "")
+                + "the embedding tables (a gather, not a matmul) stay bf16."]
     return out + [""]
 
 
