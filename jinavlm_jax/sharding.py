@@ -137,8 +137,9 @@ def boxed_shardings(boxed, mesh: Mesh, rules=LOGICAL_RULES):
     Qwix-wrapped model's with adapters / int8 kernels); unnamed leaves are replicated."""
     shapes = nn.unbox(boxed)
     specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
-    return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, fit_spec(s or P(), a.shape, mesh)), specs,
-                                  shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree_util.tree_map(
+        lambda s, a: None if a is None else NamedSharding(mesh, fit_spec(s or P(), a.shape, mesh)), specs, shapes,
+        is_leaf=lambda x: isinstance(x, P) or x is None)   # None: an empty field (a QArray's zero_point)
 
 
 def named(mesh: Mesh, axes: Sequence[str | None], rules=LOGICAL_RULES, shape: Sequence[int] | None = None

@@ -1,7 +1,7 @@
 """LoRA training end to end, in process, on the tiny text-only corpus of the training tests (issue 12):
 
-* only the adapters are trained and hold optimizer state; the base params after training are
-  bit-identical to the ones training started from;
+* QLoRA (an int8 base): only the adapters are trained and hold optimizer state; the base params
+  (int8 values and scales) after training are bit-identical to the ones training started from;
 * the merged params (`Setup.model_params`, what the export and generation use) give the logits of
   base + adapter to 1e-5 (fp32); OUTPUT_DIR/adapter holds exactly the trained adapter;
 * resuming from the checkpoint of step 2 continues with the same losses.
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow,   # two short training runs (one compile of the 
 
 TEXT_ONLY = ["data.sources.vqa=null", "data.crops_per_row=0", "data.seq_len=64", "data.batch_size=4",
              "run.loss_chunk=16"]
-LORA = ["lora.rank=4", "lora.alpha=8", "lora.base_dtype=float32", "lora.dropout=0.1",
+LORA = ["lora.rank=4", "lora.alpha=8", "lora.base_dtype=int8", "lora.dropout=0.1",   # QLoRA: an int8 base
         "optimizer.groups.text.lr=1e-2", "optimizer.groups.text.warmup=0"]
 
 
@@ -64,7 +64,8 @@ def test_lora_run_trains_only_adapters_and_resumes(setup, tmp_path):
     with_adapter = fwd(lora_model(s.model_cfg, s.lora.inference()), after)
     merged = fwd(JinaVLM(s.model_cfg), jax.device_get(s.model_params(after)))
     np.testing.assert_allclose(merged, with_adapter, rtol=0, atol=1e-5)
-    assert np.abs(with_adapter - fwd(JinaVLM(s.model_cfg), base0)).max() > 1e-4   # training changed it
+    start = fwd(JinaVLM(s.model_cfg), jax.device_get(s.model_params(before)))   # the (dequantized) base
+    assert np.abs(with_adapter - start).max() > 1e-4   # training changed the model
 
     saved, spec, meta = load_adapter(out / "adapter", s.model_cfg)
     assert spec == s.lora and meta["base"]["steps"] == 4

@@ -193,12 +193,15 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
 
     value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def zero(p):
+        # A zero gradient; float also for an int8 (QLoRA) base leaf, so gradient clipping can scale it.
+        return jnp.zeros_like(p, None if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32)
+
     def grad_fn(params, mb, key):
         trained, frozen = split(params)
         (loss, sums), g = value_and_grad(trained, frozen, mb, key)
         # Zeros for the frozen params: the optimizer (set_to_zero, no state) takes the whole tree.
-        return (loss, sums), join(g, jax.tree_util.tree_map(lambda t, p: None if t else jnp.zeros_like(p),
-                                                            trainable, params))
+        return (loss, sums), join(g, jax.tree_util.tree_map(lambda t, p: None if t else zero(p), trainable, params))
 
     def train_step(state, batch):
         params = state["params"]
@@ -220,7 +223,7 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
                 return (jax.tree_util.tree_map(jnp.add, g_acc, g),
                         jax.tree_util.tree_map(jnp.add, s_acc, sums)), None
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            zeros = jax.tree_util.tree_map(zero, params)
             zs = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "tokens")}
             (grads, sums), _ = jax.lax.scan(body, (zeros, zs), (mbs, jnp.arange(grad_accum)))
         denom = jnp.maximum(sums["tokens"], 1.0)
