@@ -259,7 +259,8 @@ def recommendations(results: dict) -> dict[str, dict]:
     10% of HBM free (for fragmentation and what the compiler does not see)."""
     best: dict[str, dict] = {}
     for i, r in results.items():
-        if r.get("job") != "train" or "error" in r or r["memory"]["peak"] > 0.9 * r["memory"]["hbm"]:
+        if r.get("job") != "train" or "error" in r or r["memory"]["peak"] > 0.9 * r["memory"]["hbm"] \
+                or "lora_rank" in r.get("static", {}):   # a LoRA step is another workload (its FLOPs too)
             continue
         key = r["topology"] + (" x2 slices" if "--num-slices" in r.get("command", "") else "")
         if key not in best or r["time"]["mfu_upper_bound"] > best[key]["time"]["mfu_upper_bound"]:
