@@ -160,12 +160,24 @@ def _normal(key, shape, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def text_inference_params(config: JinaVLMConfig) -> InferenceParams:
-    """Random decoder params straight in the per-layer layout (no stacked copy held at the same time)."""
+def text_inference_params(config: JinaVLMConfig, quantize: str | None = None) -> InferenceParams:
+    """Random decoder params straight in the per-layer layout (no stacked copy held at the same time);
+    `quantize="int8"`: then quantized with Qwix (`adapt.quant`, what `Generator(quantize=...)` does),
+    one layer at a time, so the float copy of only one layer is alive beside the int8 tree."""
     text = abstract_inference_params(config).tree["text"]
-    tree = {k: random_tree(v, 0) for k, v in text.items() if not k.startswith("layers_")}
-    tree.update({f"layers_{i}": random_tree(text[f"layers_{i}"], i + 1) for i in range(config.text.n_layers)})
-    return InferenceParams({"text": tree})
+    if quantize is None:
+        tree = {k: random_tree(v, 0) for k, v in text.items() if not k.startswith("layers_")}
+        tree.update({f"layers_{i}": random_tree(text[f"layers_{i}"], i + 1) for i in range(config.text.n_layers)})
+        return InferenceParams({"text": tree})
+    from jinavlm_jax.adapt.quant import Quantization, abstract_quantized, quantize_like
+    from jinavlm_jax.inference import inference_config
+    quant = Quantization.parse(quantize)
+    qtext = abstract_quantized(inference_config(config), quant)["text"]
+    tree = {k: quantize_like(random_tree(v, 0), qtext[k]) if isinstance(v, dict) else random_tree(v, 0)
+            for k, v in text.items() if not k.startswith("layers_")}
+    tree.update({f"layers_{i}": quantize_like(random_tree(text[f"layers_{i}"], i + 1), qtext[f"layers_{i}"])
+                 for i in range(config.text.n_layers)})
+    return InferenceParams({"text": tree}, quant)
 
 
 def tree_bytes(tree) -> int:
@@ -174,9 +186,11 @@ def tree_bytes(tree) -> int:
 
 # ------------------------------------------------------------------------------------ decoder: ours
 
-def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8)) -> dict:
-    """Prefill (batch 1) and decode (each batch) timings of our programs, plus the FLOPs / bytes."""
-    params = text_inference_params(config)
+def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8), quantize: str | None = None,
+                prefill: bool = True) -> dict:
+    """Prefill (batch 1) and decode (each batch) timings of our programs, plus the FLOPs / bytes.
+    `quantize="int8"`: int8 decoder weights (compute in `config.dtype`)."""
+    params = text_inference_params(config, quantize)
     t = config.text
     res = {}
     weight_bytes = tree_bytes({k: v for k, v in params.tree["text"].items() if k not in ("embedding", "new_embedding")})
@@ -186,10 +200,12 @@ def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8)) -> di
 
     ids = rng.integers(0, t.vocab_size, (1, PROMPT)).astype(np.int32)
     args = (config, cache_len, params, ids, np.ones((1, PROMPT), bool), None, None, None)
-    compiled = prefill_jit.lower(*args).compile()  # compiled ahead, so the one timed run is a plain run
-    res["prefill_flops"] = xla_flops(compiled)
-    res["prefill_s"] = best_of(lambda: jax.block_until_ready(compiled(*args[2:])), 1)
-    del compiled
+    if prefill:
+        compiled = prefill_jit.lower(*args).compile()  # compiled ahead, so the one timed run is a plain run
+        res["prefill_flops"] = xla_flops(compiled)
+        res["prefill_s"] = best_of(lambda: jax.block_until_ready(compiled(*args[2:])), 1)
+        del compiled
+    res["weight_bytes"] = weight_bytes
 
     for b in batches:
         # Decode speed does not depend on what the cache holds: fill PROMPT slots with random K/V
@@ -337,6 +353,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="decoder,vision")
     ap.add_argument("--write", metavar="MD", help="write the results (markdown) to this file")
     ap.add_argument("--text-layers", type=int, help="smoke runs only: fewer decoder layers")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 weight-only decode rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     t_start = time.perf_counter()
@@ -359,6 +376,9 @@ def main(argv=None) -> int:
             r["jax_dec"] = jax_decoder(config, args.decode_tokens)
             log(f"[{d}] decoder: transformers Qwen3ForCausalLM ...")
             r["torch_dec"] = torch_decoder(config, d, args.decode_tokens)
+            if not args.no_int8:
+                log(f"[{d}] decoder: jinavlm-jax, int8 weights (Qwix) ...")
+                r["int8_dec"] = jax_decoder(config, args.decode_tokens, quantize="int8", prefill=False)
         if "vision" in parts:
             log(f"[{d}] vision: jinavlm-jax encode_images ...")
             r["vision_flops"] = vision_flops(config, CROPS)
@@ -426,6 +446,23 @@ def main(argv=None) -> int:
          for d, c in ceilings.items()],
         ["dtype", "prefill-shaped matmul, jax / torch", "decode-shaped matvec chain, jax / torch"])
     table = fmt_table(rows, header)
+    int8_rows = []
+    for d in dtypes:
+        r = results[d]
+        if "int8_dec" not in r:
+            continue
+        for b in (1, 8):
+            for name, j in (("float", r["jax_dec"]), ("int8", r["int8_dec"])):
+                s = j[f"decode_b{b}_step_s"]
+                by = j[f"decode_b{b}_bytes"]
+                vs = r["jax_dec"][f"decode_b{b}_step_s"] / s
+                int8_rows.append([d, f"{d if name == 'float' else 'int8'}", str(b), f"{b / s:.2f} tok/s",
+                                  f"{j['weight_bytes'] / 1e9:.2f} GB", f"{by / s / 1e9:.1f} GB/s", f"{vs:.2f}x"])
+    if int8_rows:
+        table += ("\n\nint8 weight-only decode (Qwix: decoder projections and LM head int8 with per-channel "
+                  "scales, dequantized to the compute dtype inside the program), same run:\n\n"
+                  + fmt_table(int8_rows, ["compute dtype", "weights", "batch", "decode", "weights read per step",
+                                          "bytes/s (weights + K/V)", "speed vs float weights"]))
     total = time.perf_counter() - t_start
     cmd = " ".join(["python3", "benchmarks/bench_inference.py"] + (argv if argv is not None else sys.argv[1:]))
     text = (f"Machine: {machine}.\n\n{table}\n\nKernel ceilings measured in the same run:\n\n{kernels}\n\n"

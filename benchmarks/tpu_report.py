@@ -70,6 +70,11 @@ REPORT_CASES: list[tuple[str, str, list[str]]] = [
                                                           "model.attention_impl=splash")),
     ("remat-none-v5p-2x2x1-splash", "remat", _case("v5p:2x2x1", "data=1,fsdp=4,tensor=1", "train",
                                                    "model.remat_policy=none", "model.attention_impl=splash")),
+    # Adapt and shrink (issue 12): int8 weight-only inference (Qwix) and the LoRA train step.
+    ("decode-v5e-2x2-tp4-int8", "adapt", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "decode", "--quantize", "int8")),
+    ("prefill-v5e-2x2-tp4-int8", "adapt", _case("v5e:2x2", "data=1,fsdp=1,tensor=4", "prefill", "--quantize", "int8")),
+    ("train-v5e-2x4-lora", "adapt", _case("v5e:2x4", "data=1,fsdp=8,tensor=1", "train", "model.remat_policy=full",
+                                          "lora.rank=16", "lora.base_dtype=bfloat16")),
 ]
 
 
@@ -151,6 +156,7 @@ def render_report(results: dict[str, dict]) -> str:
             "the `lax.while_loop` program; its FLOPs and bytes are one loop body = one token for all 32 rows.", ""]
     out += table(sec("infer")) + [""]
     out += _serving(results)
+    out += _adapt(results)
     if any(i in results for i in sec("fit")):
         out += ["## A configuration that cannot fit", "", "`jinavlm aot` ends with one line instead of a traceback:", ""]
         for i in sec("fit"):
@@ -186,6 +192,47 @@ def _serving(results: dict) -> list[str]:
     return out
 
 
+def _adapt(results: dict) -> list[str]:
+    """int8 weight-only decode / prefill against bf16, and the LoRA train step against full fine-tuning."""
+    ids = [i for i, section, _ in REPORT_CASES if section == "adapt"]
+    if not any(i in results for i in ids):
+        return []
+    G = lambda b: b / GiB
+    out = ["## Adapt and shrink: int8 weights and LoRA", "",
+           "int8: `--quantize int8` (Qwix weight-only: the decoder projections and LM head int8 with per-channel "
+           "scales, dequantized inside the matmul; embeddings, norms and the vision tower bf16), the same "
+           "inference programs and shapes as above. LoRA: the stage-2 train step with `lora.rank=16` "
+           "(adapters on the decoder's q/k/v/out/up/gate/down, frozen bf16 base, AdamW state for the adapters "
+           "only), the mesh and remat of `train-v5e-2x4`.", ""]
+    pairs = [("decode-v5e-2x2-tp4-int8", "decode-v5e-2x2-tp4"), ("prefill-v5e-2x2-tp4-int8", "prefill-v5e-2x2-tp4"),
+             ("train-v5e-2x4-lora", "train-v5e-2x4")]
+    out += ["| case | against | peak per chip (GiB) | arguments (GiB) | temporaries (GiB) | arguments ratio | "
+            "peak ratio | optimizer state (all chips) |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        ra, rb = results.get(a), results.get(b)
+        if not ra or not rb or "error" in ra or "error" in rb:
+            continue
+        ma, mb = ra["memory"], rb["memory"]
+        opt = ra.get("arithmetic", {}).get("opt_state_bytes")
+        opt_b = rb.get("arithmetic", {}).get("opt_state_bytes")
+        out.append(f"| {a} | {b} | {G(ma['peak']):.2f} vs {G(mb['peak']):.2f} | {G(ma['argument']):.2f} vs "
+                   f"{G(mb['argument']):.2f} | {G(ma['temp']):.2f} vs {G(mb['temp']):.2f} | "
+                   f"{ma['argument'] / mb['argument']:.3f} | {ma['peak'] / mb['peak']:.3f} | "
+                   + (f"{G(opt):.3f} vs {G(opt_b):.2f} GiB" if opt is not None and opt_b is not None else "-") + " |")
+    d = results.get("decode-v5e-2x2-tp4-int8")
+    if d and "error" not in d:
+        a = d["arithmetic"]
+        kv = a["kv_cache_bytes"] / a["tensor"]   # the KV heads split over tensor
+        b = results.get("decode-v5e-2x2-tp4")
+        out += ["", f"The decode program's arguments are the params it reads and the bf16 KV cache of 32 x 4096 slots "
+                f"({G(kv):.2f} GiB per chip), which int8 weights do not shrink. Without the cache: "
+                + (f"{G(d['memory']['argument'] - kv):.2f} GiB (int8) against "
+                   f"{G(b['memory']['argument'] - kv):.2f} GiB (bf16) per chip, "
+                   f"{(d['memory']['argument'] - kv) / (b['memory']['argument'] - kv):.2f}x; " if b and "error" not in b else "")
+                + "the embedding tables (a gather, not a matmul) stay bf16."]
+    return out + [""]
+
+
 def _splash_notes(results: dict) -> list[str]:
     a, b = results.get("prefill-v5e-2x2-tp4"), results.get("prefill-v5e-2x2-tp4-splash")
     out = ["## Splash attention", "",
@@ -212,7 +259,8 @@ def recommendations(results: dict) -> dict[str, dict]:
     10% of HBM free (for fragmentation and what the compiler does not see)."""
     best: dict[str, dict] = {}
     for i, r in results.items():
-        if r.get("job") != "train" or "error" in r or r["memory"]["peak"] > 0.9 * r["memory"]["hbm"]:
+        if r.get("job") != "train" or "error" in r or r["memory"]["peak"] > 0.9 * r["memory"]["hbm"] \
+                or "lora_rank" in r.get("static", {}):   # a LoRA step is another workload (its FLOPs too)
             continue
         key = r["topology"] + (" x2 slices" if "--num-slices" in r.get("command", "") else "")
         if key not in best or r["time"]["mfu_upper_bound"] > best[key]["time"]["mfu_upper_bound"]:

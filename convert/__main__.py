@@ -1,4 +1,5 @@
-"""python -m convert {hf-to-orbax, orbax-to-hf, from-components, check-logits} (run from the repo root).
+"""python -m convert {hf-to-orbax, orbax-to-hf, from-components, check-logits, quantize, merge-lora}
+(run from the repo root).
 
 The repository's face of `jinavlm convert` (`jinavlm_jax/cli.py`): the same arguments, the same
 output and exit codes: 0 success, 1 error (message on stderr), 2 bad arguments, 3 check-logits

@@ -183,13 +183,22 @@ def load(directory: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: An
     """Restore (config, params) from an Orbax checkpoint onto `mesh`, whatever mesh it was saved from.
 
     Each param is restored straight onto its `param_shardings(config, mesh)` sharding (default mesh:
-    the first device alone). `dtype` casts on restore (e.g. "bfloat16"); the returned config's
+    the first device alone). A checkpoint written by `python -m convert quantize` (int8 kernels) comes
+    back as `inference.InferenceParams` in the per-layer layout, as stored (`dtype` is not applied).
+    `dtype` casts on restore (e.g. "bfloat16"); the returned config's
     `param_dtype` says what the params are. A config that does not match the stored arrays is reported
     with every mis-matching param before anything is read. `host=True` returns numpy arrays in host
     memory instead (no devices involved; what an export needs).
     """
     directory = Path(directory).absolute()
     meta = read_info(directory)
+    if meta.get("quantization"):
+        if host:
+            kind = meta["quantization"].get("dtype")
+            raise CheckpointError(f"{directory}: holds {kind} quantized inference weights; "
+                                  "exporting or training needs the float checkpoint it was quantized from")
+        from .adapt.quant import load_quantized
+        return load_quantized(directory, meta, mesh)
     config = JinaVLMConfig.from_hf(meta["config"], **meta.get("runtime", {}))
     params_dir = directory / PARAMS_DIR
     with _checkpointer() as ckptr:

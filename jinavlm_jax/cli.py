@@ -46,12 +46,20 @@ class CLIError(ValueError):
 
 # ----------------------------------------------------------------------------------- loading
 
-def load_model(checkpoint: str | Path, dtype: str | None = None, mesh=None):
+def load_model(checkpoint: str | Path, dtype: str | None = None, mesh=None, adapter: str | Path | None = None):
     """(config, params) from a jinavlm-jax Orbax checkpoint or an official Hugging Face directory
     (`checkpoint.load_any`), with the compute dtype set: `dtype` ("float32" / "bfloat16") casts the
-    params and computes in it; None keeps the checkpoint's params and computes in float32."""
+    params and computes in it; None keeps the checkpoint's params and computes in float32.
+    `adapter`: a LoRA adapter directory (training's OUTPUT_DIR/adapter), merged into the params.
+    A quantized checkpoint (`python -m convert quantize`) gives `InferenceParams`."""
     from .checkpoint import load_any
     config, params = load_any(checkpoint, dtype=dtype, mesh=mesh)
+    if adapter is not None:
+        if not isinstance(params, dict):
+            raise CLIError(f"--adapter: {checkpoint} holds quantized weights; merge the adapter into the float "
+                           "checkpoint (python -m convert merge-lora), then quantize")
+        from .adapt.lora import apply_adapter
+        params = apply_adapter(config, params, adapter)
     return config.replace(dtype=dtype or "float32"), params
 
 
@@ -85,6 +93,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="params and compute dtype (default float32: XLA:CPU runs bfloat16 matmuls slowly)")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,fsdp=2,tensor=2 (default: one device)")
+    adapt_args(p)
+
+
+def adapt_args(p: argparse.ArgumentParser) -> None:
+    """--quantize and --adapter (generate, chat and serve)."""
+    p.add_argument("--quantize", choices=("int8", "int8+vision"),
+                   help="int8 weight-only inference (Qwix): decoder kernels int8 with per-channel scales, "
+                        "activations in --dtype; int8+vision quantizes the vision tower too")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (a training run's OUTPUT_DIR/adapter), "
+                   "merged into the checkpoint's weights at load time")
 
 
 class _Session:
@@ -98,8 +116,8 @@ class _Session:
         checkpoint_format(args.checkpoint)  # cheap checks first: fail before loading any weights
         self.processor = _processor(args)
         mesh = mesh_from_spec(args.mesh) if args.mesh else None
-        config, params = load_model(args.checkpoint, args.dtype, mesh)
-        self.generator = Generator(config, params, mesh)
+        config, params = load_model(args.checkpoint, args.dtype, mesh, args.adapter)
+        self.generator = Generator(config, params, mesh, quantize=args.quantize)
         del params
         self.sampling = _sampling(args)
 
@@ -357,6 +375,20 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     k.add_argument("--crops", type=int, default=1)
     k.add_argument("--length", type=int, default=32, help="text tokens after the image tokens")
 
+    q = sub.add_parser("quantize", help="float checkpoint -> int8 weight-only Orbax checkpoint (Qwix; loads "
+                                        "without float kernels)")
+    q.add_argument("src", help="float checkpoint (Orbax or official)")
+    q.add_argument("dst", help="Orbax checkpoint directory to create")
+    q.add_argument("--int8", action="store_true", required=True, help="int8 kernels, per-channel scales")
+    q.add_argument("--vision", action="store_true", help="quantize the vision tower too (default: decoder only)")
+    _output_args(q, None, "dtype of the params left float (default: the checkpoint's)", mesh=False)
+
+    m = sub.add_parser("merge-lora", help="base checkpoint + LoRA adapter -> a normal Orbax checkpoint")
+    m.add_argument("base", help="the base checkpoint the adapter was trained on (Orbax or official)")
+    m.add_argument("adapter", help="adapter directory (a training run's OUTPUT_DIR/adapter)")
+    m.add_argument("out", help="Orbax checkpoint directory to create")
+    _output_args(m, None, "param dtype (default: the base checkpoint's)", mesh=False)
+
 
 def _run_convert(args) -> int:
     from . import convert as C  # after parsing, so --help does not start JAX
@@ -365,6 +397,11 @@ def _run_convert(args) -> int:
     elif args.operation == "orbax-to-hf":
         print(C.orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             overwrite=args.overwrite))
+    elif args.operation == "quantize":
+        print(C.quantize_checkpoint(args.src, args.dst, vision=args.vision, dtype=args.dtype,
+                                    overwrite=args.overwrite))
+    elif args.operation == "merge-lora":
+        print(C.merge_lora(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite))
     elif args.operation == "from-components":
         layers = tuple(int(x) for x in args.vit_layers.split(","))
         print(C.from_components(args.siglip2, args.qwen3, args.dst, seed=args.seed, dtype=args.dtype,
@@ -378,7 +415,7 @@ def _run_convert(args) -> int:
 
 
 CONVERT_HELP = ("convert weights: hf-to-orbax, orbax-to-hf, from-components, check-logits (exit 3: logits "
-                "differ); progress on stderr, the summary on stdout")
+                "differ), quantize (int8), merge-lora; progress on stderr, the summary on stdout")
 
 
 register(Command("generate", "answer a prompt about images (streams to stdout), or a JSONL batch",

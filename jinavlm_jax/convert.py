@@ -353,8 +353,15 @@ def check_logits(a: str | Path, b: str | Path, *, seed: int = 0, batch: int = 1,
     if diffs:
         raise ConfigError(f"{a} and {b} are different architectures:\n  " + "\n  ".join(diffs))
     inputs = random_inputs(ca, seed, batch, crops, length)
-    fwd = _forward(ca.replace(dtype="float32", param_dtype="float32"))  # same architecture: serves both
-    m = logit_metrics(np.asarray(fwd(pa, *inputs)), np.asarray(fwd(pb, *inputs)))
+    cfg = ca.replace(dtype="float32", param_dtype="float32")
+    if isinstance(pa, dict) and isinstance(pb, dict):
+        fwd = _forward(cfg)  # same architecture: serves both
+        m = logit_metrics(np.asarray(fwd(pa, *inputs)), np.asarray(fwd(pb, *inputs)))
+    else:  # a quantized checkpoint (InferenceParams): both run in the per-layer inference layout
+        from .inference.params import prepare_params
+        from .inference.programs import full_logits_jit
+        la, lb = (np.asarray(full_logits_jit(cfg, prepare_params(cfg, p), *inputs)) for p in (pa, pb))
+        m = logit_metrics(la, lb)
     ok = m["kl_max"] <= max_kl and m["top5_overlap"] >= min_top5
     return m, ok
 
@@ -372,3 +379,46 @@ def format_metrics(a: str, b: str, m: dict[str, float], ok: bool, max_kl: float)
     lines += [f"  {k:<14}{v:.3e}" if "err" in k or "kl" in k else f"  {k:<14}{v:.4f}" for k, v in m.items()]
     lines.append(f"  result        {'OK' if ok else 'MISMATCH'} (threshold: max KL <= {max_kl:g})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- adapt and shrink
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, *, vision: bool = False, dtype: str | None = None,
+                        overwrite: bool = False) -> str:
+    """A float checkpoint -> an int8 weight-only Orbax checkpoint (`adapt.quant`: decoder kernels, and
+    the vision tower's with `vision`), in the per-layer inference layout. `checkpoint.load` restores it
+    as `InferenceParams` without materialising float kernels. Returns the summary line."""
+    from .adapt.quant import Quantization, save_quantized, tree_bytes
+    from .inference.params import prepare_params
+    quant = Quantization("int8", vision)
+    _say(f"loading {src}")
+    config, params = checkpoint.load_any(src, dtype=dtype)
+    float_bytes = tree_bytes(params)
+    _say(f"quantizing ({quant.name}) with Qwix")
+    ip = prepare_params(config, params, quantize=quant)
+    del params
+    out = save_quantized(dst, config, ip, overwrite=overwrite,
+                         source={"quantized_from": str(Path(src).absolute())})
+    return f"{out}: {quant.name} weights, {_gb(tree_bytes(ip.tree))} (float: {_gb(float_bytes)})"
+
+
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: str | None = None,
+               overwrite: bool = False) -> str:
+    """Base checkpoint + LoRA adapter directory -> a normal Orbax checkpoint (W + A @ B * alpha / rank),
+    which `orbax-to-hf` exports to the official layout. Returns the summary line."""
+    from .adapt.lora import apply_adapter, read_adapter_info
+    info = read_adapter_info(adapter)  # cheap checks before loading the base
+    _say(f"loading {base}")
+    config, params = checkpoint.load_any(base, dtype=dtype)
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{base}: holds quantized weights; merge the adapter into the float checkpoint")
+    merged = apply_adapter(config, params, adapter)
+    del params
+    lora = {k: info[k] for k in ("rank", "alpha", "modules", "base_dtype", "base") if k in info}
+    path = checkpoint.save(out, config, merged, overwrite=overwrite, source={
+        "merged_from": {"base": str(Path(base).absolute()), "adapter": str(Path(adapter).absolute()), **lora}})
+    return f"{path}: {Path(base).name} + LoRA rank {info['rank']} (alpha {info['alpha']}) merged"

@@ -129,10 +129,17 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
 def param_shardings(config, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedSharding pytree for the params of `config` on `mesh` (from the abstract boxed tree, which is
     built once per config: the model is not traced again for every call)."""
-    shapes = nn.unbox(_abstract_boxed(config))
-    specs = param_specs(config, rules)
-    return jax.tree_util.tree_map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
-                                  is_leaf=lambda x: isinstance(x, P))
+    return boxed_shardings(_abstract_boxed(config), mesh, rules)
+
+
+def boxed_shardings(boxed, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedSharding pytree for an abstract param tree boxed with logical axes (the model's, or a
+    Qwix-wrapped model's with adapters / int8 kernels); unnamed leaves are replicated."""
+    shapes = nn.unbox(boxed)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    return jax.tree_util.tree_map(
+        lambda s, a: None if a is None else NamedSharding(mesh, fit_spec(s or P(), a.shape, mesh)), specs, shapes,
+        is_leaf=lambda x: isinstance(x, P) or x is None)   # None: an empty field (a QArray's zero_point)
 
 
 def named(mesh: Mesh, axes: Sequence[str | None], rules=LOGICAL_RULES, shape: Sequence[int] | None = None

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import JinaVLM, JinaVLMConfig, merge_image_features
+from ..model import JinaVLMConfig, merge_image_features
 from ..model.layers import constrain, dtype_of
 from .buckets import crop_bucket, prompt_bucket, prompt_buckets
 from .params import InferenceParams, prepare_params
@@ -160,14 +160,15 @@ def constrain_state(state: DecodeState) -> DecodeState:
 
 def encode_images(config: JinaVLMConfig, params: InferenceParams, images, image_masks):
     """One image's crops [1, T, 729, 588], [1, T, 729] -> connector features [T, 196, D]."""
-    return model_for(config).apply({"params": params.tree}, images, image_masks, method=JinaVLM.encode_images)[0]
+    model = model_for(config, params.quant)
+    return model.apply({"params": params.tree}, images, image_masks, method="encode_images")[0]
 
 
 def prefill(config: JinaVLMConfig, params: InferenceParams, input_ids, attention_mask, features, feature_pos,
             seed, temperature, top_k, top_p) -> Prefix:
     """A left-padded prompt [1, Lp] whose image features [1, Lp, D] are added at feature_pos [1, Lp]
     (negative = none) -> Prefix. The first token is drawn at step 0 of key(seed)."""
-    x = model_for(config).apply({"params": params.tree}, input_ids, method=JinaVLM.embed_tokens)
+    x = model_for(config, params.quant).apply({"params": params.tree}, input_ids, method="embed_tokens")
     x = merge_image_features(x, features, feature_pos)
     logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
     token = sample(logits, row_keys(seed), 0, temperature, top_k, top_p)
@@ -325,19 +326,20 @@ class Engine:
         waiting requests beyond which `submit` raises QueueFull. vision_cache: images kept.
         steps_per_call: tokens each slot advances per `generate` call (fewer host round trips;
         a request that stops mid-call discards the rest). mesh: a `sharding.make_mesh` mesh (slots
-        split over data x fsdp, heads over tensor).
+        split over data x fsdp, heads over tensor). quantize: "int8" serves int8 decoder weights
+        (`adapt.quant`; see `Generator`).
     """
 
     def __init__(self, config: JinaVLMConfig, params, processor, *, max_batch: int = 8, max_model_len: int = 4096,
                  max_images: int = 8, max_queue: int = 256, vision_cache: int = 64, steps_per_call: int = 1,
-                 mesh=None, stop_ids: Sequence[int] | None = None):
+                 mesh=None, stop_ids: Sequence[int] | None = None, quantize=None):
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch ({max_batch}) and steps_per_call ({steps_per_call}) must be >= 1")
         limit = config.text.max_sequence_length
         if not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context)")
         self.config, self.processor, self.mesh = config, processor, mesh
-        self.params = prepare_params(config, params, mesh)
+        self.params = prepare_params(config, params, mesh, quantize)
         self.max_batch, self.max_model_len = int(max_batch), int(max_model_len)
         self.cache_length = cache_slots(self.max_model_len)
         self.max_images, self.max_queue, self.steps_per_call = int(max_images), int(max_queue), int(steps_per_call)

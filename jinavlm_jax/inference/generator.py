@@ -133,10 +133,12 @@ class Generator:
     and bucket shapes, so creating several is cheap after the first compile.
     """
 
-    def __init__(self, config: JinaVLMConfig, params, mesh=None):
+    def __init__(self, config: JinaVLMConfig, params, mesh=None, *, quantize=None):
+        """quantize: None (the params as they are), "int8" (decoder kernels int8 with per-channel scales,
+        activations in the compute dtype; `adapt.quant`) or "int8+vision"."""
         self.config = config
         self.mesh = mesh
-        self.params = prepare_params(config, params, mesh)
+        self.params = prepare_params(config, params, mesh, quantize)
 
     # -------------------------------------------------------------------------------- generate
     def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, sampling: Sampling | None = None,
@@ -223,7 +225,7 @@ def _collect(out: np.ndarray, steps: int, stop_ids, tokenizer, prompt_lengths) -
 def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              sampling: Sampling | None = None, seed: int | Sequence[int] = 0, stop_ids: Sequence[int] = (),
              mesh=None, tokenizer=None, on_token: Callable[[int, np.ndarray], None] | None = None,
-             cache_length: int | None = None, crop_multiple: int = CROP_MULTIPLE) -> Generation:
+             cache_length: int | None = None, crop_multiple: int = CROP_MULTIPLE, quantize=None) -> Generation:
     """Generate continuations for a batch of processor outputs.
 
     batch: `input_ids` [B, L] (-1 = padding; left, right or mixed padding is re-aligned to the left),
@@ -238,10 +240,11 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
     cache_length: KV-cache slots (default: the next power of two >= padded prompt + max_new_tokens).
 
     params: the model's param tree (it is re-laid out for decoding on every call; build a `Generator`
-    once to serve many requests) or `InferenceParams`.
+    once to serve many requests) or `InferenceParams`. quantize: "int8" runs the decoder with int8
+    weights (see `Generator`).
     Raises GenerateError / InputError (ValueError) naming the problem.
     """
-    return Generator(config, params, mesh).generate(
+    return Generator(config, params, mesh, quantize=quantize).generate(
         batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
         tokenizer=tokenizer, on_token=on_token, cache_length=cache_length, crop_multiple=crop_multiple)
 

@@ -29,18 +29,23 @@ from .sampling import row_keys, sample
 CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", None)
 
 
-def model_for(config: JinaVLMConfig) -> JinaVLM:
-    """The model in the per-layer layout that InferenceParams hold."""
-    return JinaVLM(inference_config(config))
+def model_for(config: JinaVLMConfig, quant=None) -> JinaVLM:
+    """The model in the per-layer layout that InferenceParams hold; with `quant` (`InferenceParams.quant`)
+    the Qwix-wrapped one that applies int8 kernels (`adapt.quant`). Call its methods by name: Qwix
+    wraps the module class."""
+    if quant is None:
+        return JinaVLM(inference_config(config))
+    from ..adapt.quant import quantized_model
+    return quantized_model(inference_config(config), quant)
 
 
 def prompt_forward(config: JinaVLMConfig, params: InferenceParams, x, attention_mask):
     """Prompt embeddings x [B, L, D] (left padded) -> (last-position logits [B, V] float32, one (k, v)
     [B, L, KV, hd] per layer, positions [B, L])."""
-    model, v = model_for(config), {"params": params.tree}
+    model, v = model_for(config, params.quant), {"params": params.tree}
     positions = positions_from_mask(attention_mask)
-    h, kvs = model.apply(v, x, positions, prompt_mask(attention_mask), method=JinaVLM.decode_hidden)
-    logits = model.apply(v, h[:, -1:], method=JinaVLM.logits_from_hidden)[:, 0]
+    h, kvs = model.apply(v, x, positions, prompt_mask(attention_mask), method="decode_hidden")
+    logits = model.apply(v, h[:, -1:], method="logits_from_hidden")[:, 0]
     return logits, kvs, positions
 
 
@@ -48,20 +53,20 @@ def decode_step(config: JinaVLMConfig, params: InferenceParams, tokens, position
     """One token per row: tokens [B] (negative = none, reads row 0), positions [B], caches one (k, v)
     [B, S, KV, hd] per layer, kv_valid [B, S] (the slot being written already marked), slot an int or
     [B]. Returns (logits [B, V] float32, updated caches)."""
-    model, v = model_for(config), {"params": params.tree}
-    x = model.apply(v, jnp.maximum(tokens, 0)[:, None], method=JinaVLM.embed_tokens)
+    model, v = model_for(config, params.quant), {"params": params.tree}
+    x = model.apply(v, jnp.maximum(tokens, 0)[:, None], method="embed_tokens")
     h, caches = model.apply(v, x, positions[:, None], kv_valid[:, None, :], slot, caches,
-                            method=JinaVLM.decode_hidden)
+                            method="decode_hidden")
     caches = tuple((constrain(k, CACHE_AXES), constrain(c, CACHE_AXES)) for k, c in caches)
-    return model.apply(v, h, method=JinaVLM.logits_from_hidden)[:, 0], caches
+    return model.apply(v, h, method="logits_from_hidden")[:, 0], caches
 
 
 def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, input_ids, attention_mask,
             images, image_masks, image_input_idx):
     """Prompt [B, L] (left padded) with its images -> (last-position logits [B, V], caches of
     `cache_length` slots, kv_valid [B, S], last positions [B])."""
-    x = model_for(config).apply({"params": params.tree}, input_ids, images, image_masks, image_input_idx,
-                                method=JinaVLM.embed_inputs)
+    x = model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
+                                              image_input_idx, method="embed_inputs")
     logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
     pad = ((0, 0), (0, cache_length - input_ids.shape[1]), (0, 0), (0, 0))
     caches = tuple((constrain(jnp.pad(k, pad), CACHE_AXES), constrain(jnp.pad(v, pad), CACHE_AXES))
@@ -71,6 +76,17 @@ def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, i
 
 
 prefill_jit = jax.jit(prefill, static_argnums=(0, 1))
+
+
+def full_logits(config: JinaVLMConfig, params: InferenceParams, input_ids, images=None, image_masks=None,
+                image_input_idx=None):
+    """Logits [B, L, V] at every position (no cache) from InferenceParams, float or quantized: what
+    `convert check-logits` and `benchmarks/bench_quantize.py` compare."""
+    return model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
+                                                 image_input_idx)
+
+
+full_logits_jit = jax.jit(full_logits, static_argnums=0)
 
 
 # A streaming callback is one Python function shared by every compiled decode loop; it forwards to

@@ -30,8 +30,16 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype) -> ja
     """Contract the last `n_contract` dims of x with the first `n_contract` dims of kernel (f32 accumulate)."""
     xc = tuple(range(x.ndim - n_contract, x.ndim))
     kc = tuple(range(n_contract))
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((xc, kc), ((), ())),
+    return jax.lax.dot_general(x.astype(dtype), cast_kernel(kernel, dtype), ((xc, kc), ((), ())),
                                preferred_element_type=F32)
+
+
+def cast_kernel(kernel, dtype: Dtype):
+    """The kernel in the compute dtype. An int8 kernel (Qwix's `WithAux(QArray)`, `adapt.quant`) keeps its
+    int8 values and gets its scales in `dtype` (Qwix's own `WithAux.astype` cannot re-box a QArray)."""
+    if isinstance(kernel, jax.Array):
+        return kernel.astype(dtype)
+    return kernel.replace(array=kernel.array.astype(dtype))
 
 
 class Dense(nn.Module):
@@ -177,6 +185,8 @@ def stack_layers(layer_cls: type[nn.Module], n: int, *, remat_policy: str, in_ax
     The layer is called as `layer(carry, *args) -> (carry, ys)`; `in_axes` gives, per extra arg,
     `nn.broadcast` or a scanned axis. `remat_policy` != 'none' wraps the layer body in `nn.remat`
     with that policy, so the backward pass recomputes what the policy does not save.
+    The "dropout" rng stream (LoRA dropout, `adapt.lora`) reaches the layers, split per layer.
     """
-    return nn.scan(remat_layer(layer_cls, remat_policy), variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(remat_layer(layer_cls, remat_policy), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=in_axes, length=n, metadata_params={nn.PARTITION_NAME: "layers"})

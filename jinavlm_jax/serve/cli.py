@@ -43,6 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=1,fsdp=1,tensor=4 (default: one device)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start")
+    from ..cli import adapt_args
+    adapt_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,10 +81,10 @@ def _serve(args: argparse.Namespace, say) -> int:
             raise ValueError(f"--allowed-local-media {d}: not a directory")
     mesh = mesh_from_spec(args.mesh) if args.mesh else None
     say(f"loading {args.checkpoint}")
-    config, params = load_model(args.checkpoint, args.dtype, mesh)
+    config, params = load_model(args.checkpoint, args.dtype, mesh, args.adapter)
     engine = Engine(config, params, _processor(args), max_batch=args.max_batch, max_model_len=args.max_model_len,
                     max_images=args.max_images, max_queue=args.max_queue, vision_cache=args.vision_cache,
-                    steps_per_call=args.steps_per_call, mesh=mesh)
+                    steps_per_call=args.steps_per_call, mesh=mesh, quantize=args.quantize)
     del params
     engine.start(warmup=not args.no_warmup, say=say)
     name = args.served_model_name or Path(args.checkpoint).resolve().name

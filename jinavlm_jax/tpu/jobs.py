@@ -153,7 +153,8 @@ def train_job(cfg, model_cfg, mesh, batch_per_chip: int | None = None) -> Job:
         "tiled_bytes_per_device": _shard_bytes((state, batch), tiled=True),
     }
     static = {"rows": rows, "seq_len": L, "crops_per_row": T, "grad_accum": o.grad_accum,
-              "loss_chunk": cfg.run.loss_chunk, "vision_trained": vision_trained}
+              "loss_chunk": cfg.run.loss_chunk, "vision_trained": vision_trained,
+              **({"lora_rank": cfg.lora.rank, "lora_base": cfg.lora.base_dtype} if cfg.lora.rank else {})}
     return Job("train", fn, (state, batch), static, flops, "step", rows * L, arithmetic)
 
 
@@ -172,25 +173,31 @@ def _inference_inputs(model_cfg, mesh, rows: int, prompt_len: int, crops: int):
             _sds((rows, crops, tokens_per_crop(model_cfg)), jnp.int32, act(3)))
 
 
-def _inference_params(model_cfg, mesh):
-    from ..inference import InferenceParams, abstract_inference_params, inference_config
-    from ..sharding import param_shardings
-    params = abstract_inference_params(model_cfg)
-    return InferenceParams(_with_shardings(params.tree, param_shardings(inference_config(model_cfg), mesh)))
+def _inference_params(model_cfg, mesh, quantize=None):
+    """Abstract InferenceParams on `mesh`; `quantize` ("int8"): Qwix int8 kernels (`adapt.quant`)."""
+    from ..inference import InferenceParams, abstract_inference_params
+    from ..inference.params import inference_shardings, parse_quantize
+    quant = parse_quantize(quantize)
+    params = abstract_inference_params(model_cfg, quant)
+    return InferenceParams(_with_shardings(params.tree, inference_shardings(model_cfg, mesh, quant)), quant)
 
 
-def prefill_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int) -> Job:
+def _weights(params) -> dict:
+    return {"weights": params.quant.name} if params.quant is not None else {}
+
+
+def prefill_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None) -> Job:
     """The real prefill (`inference.programs.prefill`): ViT on every crop, connector, all decoder layers, cache."""
     from ..inference import programs
-    params = _inference_params(model_cfg, mesh)
+    params = _inference_params(model_cfg, mesh, quantize)
     args = (model_cfg, cache_len, params) + _inference_inputs(model_cfg, mesh, rows, prompt_len, crops)
     flops = model_flops(model_cfg, rows=rows, seq_len=prompt_len, crops=crops, train=False, logit_positions=1)
     arithmetic = {"param_bytes": _nbytes(params), "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"]}
-    static = {"rows": rows, "prompt_len": prompt_len, "crops": crops, "cache_len": cache_len}
+    static = {"rows": rows, "prompt_len": prompt_len, "crops": crops, "cache_len": cache_len, **_weights(params)}
     return Job("prefill", programs.prefill_jit, args, static, flops["total"], "prefill", rows * prompt_len, arithmetic)
 
 
-def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int) -> Job:
+def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None) -> Job:
     """The real decode loop (`inference.programs.decode_loop`, greedy) over a full KV cache; one loop
     body = one token."""
     import jax
@@ -198,7 +205,7 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
     from ..inference import programs
     from ..inference.generator import MAX_STOP_IDS
     from ..sharding import named
-    params = _inference_params(model_cfg, mesh)
+    params = _inference_params(model_cfg, mesh, quantize)
     pre = jax.eval_shape(lambda *a: programs.prefill(model_cfg, cache_len, *a),
                          params, *_inference_inputs(model_cfg, mesh, rows, prompt_len, crops))
     logits0, caches, kv_valid, last_pos = pre
@@ -217,7 +224,7 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
     arithmetic = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(caches),
                   "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"],
                   "bytes_per_step": _shard_bytes((params.tree["text"], caches))}
-    static = {"rows": rows, "prompt_len": prompt_len, "cache_len": cache_len, "sampling": "greedy"}
+    static = {"rows": rows, "prompt_len": prompt_len, "cache_len": cache_len, "sampling": "greedy", **_weights(params)}
     return Job("decode", programs.decode_loop_jit, args, static, float(f), "decode step", rows, arithmetic)
 
 
@@ -355,7 +362,7 @@ def _sharding_summary(shardings, limit: int = 400) -> dict:
     return out
 
 
-def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) -> list[Job]:
+def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int, quantize=None) -> list[Job]:
     """The serving engine's programs (`inference.engine`) for `max_batch` decode slots whose KV cache
     holds `cache_slots(max_model_len)` positions: `encode` (one image of `crops` crops), `prefill`
     and `insert` at the longest prompt bucket, and `generate` (every slot one token). A server keeps
@@ -366,10 +373,10 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int) 
 
     from ..inference import engine, prompt_bucket
     from ..sharding import named
-    params = _inference_params(model_cfg, mesh)
+    params = _inference_params(model_cfg, mesh, quantize)
     length, slots = prompt_bucket(max_model_len), engine.cache_slots(max_model_len)
     state = engine.abstract_state(model_cfg, max_batch, slots, mesh)
-    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots}
+    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots, **_weights(params)}
     # What a server holds per chip all the time: every param (a program's argument bytes leave out
     # params it does not read, e.g. generate the vision tower) and the whole decode state.
     base = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(state.caches), "tensor": mesh.shape["tensor"],

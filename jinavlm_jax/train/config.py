@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from ..adapt import DECODER_PROJECTIONS
+
 
 class TrainConfigError(ValueError):
     """A recipe or override that cannot be used (names the file or override, the key and the problem)."""
@@ -53,7 +55,8 @@ class ModelSection:
     attention_impl: str = "xla"       # xla | splash (the Pallas TPU kernel; interpret mode off TPU)
     # false: the decoder's layers unrolled in the compiled step (params and checkpoints stay stacked):
     # faster steps on CPU for small models (no scan slicing and copying in the backward pass); the
-    # compile grows with the layer count, so keep true for the full model and on TPU.
+    # compile grows with the layer count, so keep true for the full model and on TPU. LoRA runs
+    # (lora.rank > 0) always train the scanned decoder.
     scan_layers: bool = True
 
 
@@ -110,6 +113,22 @@ class OptimizerConfig:
     end_lr_ratio: float = 0.1         # final lr / peak lr
     grad_clip_norm: Optional[float] = 1.0    # null or 0: no clipping
     grad_accum: int = 1               # micro-batches per step
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA / QLoRA (`jinavlm_jax.adapt.lora`, with Qwix): rank 0 = off (full fine-tuning).
+
+    Only the adapters are trained (and get optimizer state): `optimizer.groups` then label adapter
+    params (paths like 'text/layers/q/kernel_lora_a'); every base param is frozen. The adapter alone
+    is saved to OUTPUT_DIR/adapter at the end (and, with checkpoint.export, the merged model to export/).
+    """
+
+    rank: int = 0                     # adapter rank (0: no LoRA)
+    alpha: float = 32.0               # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0              # dropout on the adapter's input (training only)
+    modules: str = DECODER_PROJECTIONS   # module paths (re.fullmatch): the decoder's q/k/v/out/up/gate/down
+    base_dtype: str = "bfloat16"      # frozen base: float32 | bfloat16 | int8 | nf4 (QLoRA: Qwix QArrays)
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML / JSON serialisable) that `from_dict` reads back."""
@@ -215,6 +235,7 @@ _CHOICES = {
     ("optimizer", "schedule"): ("cosine", "linear", "constant"),
     ("distributed", "initialize"): ("auto", "always", "never"),
     ("eval", "generate", "metric"): ("auto", "exact", "choice"),
+    ("lora", "base_dtype"): ("float32", "bfloat16", "int8", "nf4"),
 }
 
 
@@ -504,6 +525,14 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         need(g.warmup >= 0, f"{key}.warmup", f"must be >= 0, got {g.warmup}")
         need(g.warmup < 1 or g.warmup == int(g.warmup), f"{key}.warmup",
              f"{g.warmup}: use a whole number of steps (>= 1) or a fraction of run.steps (< 1)")
+    lo = cfg.lora
+    need(lo.rank >= 0, "lora.rank", f"must be >= 0 (0 = off), got {lo.rank}")
+    need(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    try:
+        re.compile(lo.modules)
+    except re.error as e:
+        raise TrainConfigError(f"{where}: lora.modules: {lo.modules!r} is not a valid regex ({e})") from None
     need(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.log.every >= 1, "log.every", "must be >= 1")

@@ -64,6 +64,7 @@ class TrainResult:
     heldout: dict = field(default_factory=dict)
     generation: Any = None            # evaluate.GenerationReport or None
     export_dir: Path | None = None
+    adapter_dir: Path | None = None   # LoRA runs: OUTPUT_DIR/adapter
     plot: Path | None = None
     wall_time_s: float = 0.0
 
@@ -231,7 +232,8 @@ class Trainer:
         if e.generate.samples:
             if self.gen_examples is None:
                 self.gen_examples = eval_examples(s.held_sources, e.generate.samples)
-            rep = generation_accuracy(s.model_cfg, self.state["params"], s.processor, self.gen_examples,
+            rep = generation_accuracy(s.model_cfg, s.model_params(self.state["params"]), s.processor,
+                                      self.gen_examples,
                                       max_new_tokens=e.generate.max_new_tokens, batch_size=e.generate.batch_size,
                                       metric=e.generate.metric, mesh=s.mesh)
             values.update(rep.summary())
@@ -287,9 +289,12 @@ class Trainer:
         cfg, s = self.cfg, self.setup
         if cfg.eval.final:
             self.evaluate(cfg.run.steps, final=True)
+        if s.lora is not None and self.n_proc == 1:
+            self.result.adapter_dir = save_run_adapter(self.out_dir / "adapter", s, self.state["params"])
+            self.say(f"adapter (rank {s.lora.rank}) saved to {self.result.adapter_dir}")
         if cfg.checkpoint.export and self.n_proc == 1:
-            self.result.export_dir = export(self.out_dir / "export", s.model_cfg, self.state["params"], s.processor,
-                                            cfg)
+            self.result.export_dir = export(self.out_dir / "export", s.model_cfg,
+                                            s.model_params(self.state["params"]), s.processor, cfg)
         elif cfg.checkpoint.export:
             self.say("note: checkpoint.export runs on a single process; the params of this multi-host run are "
                      f"in the Orbax checkpoints under {self.ckpt.directory}")
@@ -318,12 +323,26 @@ def run_training(cfg: TrainConfig, *, verbose: bool = True, on_step: Callable[[i
     d, groups, mesh = cfg.data, setup.groups, setup.mesh
     say(f"model: {count_params(setup.abstract_params):,} params; groups: " + ", ".join(
         f"{k} ({v:,}{', frozen' if k in groups.frozen else ''})" for k, v in groups.counts.items()))
+    if setup.lora is not None:
+        lo = setup.lora
+        say(f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {lo.modules!r}; base "
+            f"{lo.base_dtype}, frozen; {sum(groups.counts.values()):,} adapter params trained")
     say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es); global batch {d.batch_size} x {d.seq_len} tokens x "
         f"{d.crops_per_row} crops")
     result = Trainer(setup, verbose=verbose, on_step=on_step).run()
     result.wall_time_s = time.time() - t_start
     return result
+
+
+def save_run_adapter(directory: Path, s: Setup, params) -> Path:
+    """The adapter of a LoRA run alone (`adapt.lora.save_adapter`), with the base's provenance."""
+    from ..adapt.lora import save_adapter, split_adapter
+    cfg = s.cfg
+    base = {"init": cfg.model.init if cfg.model.init == "random" else str(Path(cfg.model.init).absolute()),
+            "model_config": s.model_cfg.to_hf(), "seed": cfg.run.seed, "steps": cfg.run.steps}
+    import jax
+    return save_adapter(directory, jax.device_get(split_adapter(params)[1]), s.lora, base)
 
 
 def _device_keys(batch: dict) -> dict:

@@ -79,8 +79,10 @@ class ParamGroups:
         return any(jax.tree_util.tree_leaves(self.trainable_mask()[tower]))
 
 
-def assign_groups(groups: Mapping[str, GroupConfig], params: Any) -> tuple[Any, dict[str, str]]:
+def assign_groups(groups: Mapping[str, GroupConfig], params: Any, only: Callable[[str], bool] | None = None
+                  ) -> tuple[Any, dict[str, str]]:
     """Label every param with its group (first regex that `re.search`es its path).
+    `only(path)` False: the param is frozen whatever the groups say (LoRA: everything but the adapters).
 
     Returns (labels pytree with group names, {path: group}). Params no group matches raise a
     TrainConfigError listing them (add a catch-all group such as `rest: {regex: '.*', lr: ...}`).
@@ -91,6 +93,8 @@ def assign_groups(groups: Mapping[str, GroupConfig], params: Any) -> tuple[Any, 
 
     def label(path, _):
         p = param_path(path)
+        if only is not None and not only(p):
+            return FROZEN
         for name, rx in compiled:
             if rx.search(p):
                 by_path[p] = name
@@ -104,21 +108,22 @@ def assign_groups(groups: Mapping[str, GroupConfig], params: Any) -> tuple[Any, 
         raise TrainConfigError(f"optimizer.groups: no group matches {shown}; every parameter needs a group "
                                "(add e.g. `rest: {regex: '.*', lr: 1e-5}` last, or `lr: null` to freeze)")
     unused = [name for name in groups if name not in set(by_path.values())]
-    if unused:
+    if unused and only is None:  # (LoRA: groups written for full training may match no adapter)
         raise TrainConfigError(f"optimizer.groups: group(s) {unused} match no parameter (an earlier group's "
                                "regex takes them, or the regex is wrong); param paths look like "
                                f"{next(iter(by_path))!r}")
     return labels, by_path
 
 
-def make_optimizer(opt: OptimizerConfig, total_steps: int, params: Any
+def make_optimizer(opt: OptimizerConfig, total_steps: int, params: Any, only: Callable[[str], bool] | None = None
                    ) -> tuple[optax.GradientTransformation, ParamGroups]:
     """The optax transformation for `params` (a pytree of arrays or ShapeDtypeStructs) and its groups.
 
     chain(clip_by_global_norm, multi_transform({group: adamw-with-schedule, frozen: set_to_zero})).
     The clip sees the gradients of trainable params only: the train step zeroes frozen gradients first.
+    `only`: see `assign_groups` (params it rejects are frozen: no optimizer state).
     """
-    names, by_path = assign_groups(opt.groups, params)
+    names, by_path = assign_groups(opt.groups, params, only)
     frozen = tuple(n for n, g in opt.groups.items() if g.lr is None)
     labels = jax.tree_util.tree_map(lambda n: FROZEN if n in frozen else n, names)
     decay_rx = re.compile(opt.decay_regex) if opt.decay_regex else None

@@ -170,8 +170,34 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def lora_spec(cfg: TrainConfig):
+    """The recipe's `adapt.lora.LoraSpec`, or None when `lora.rank` is 0 (full fine-tuning)."""
+    lo = cfg.lora
+    if not lo.rank:
+        return None
+    from ..adapt import AdaptError
+    from ..adapt.lora import LoraSpec
+    try:
+        return LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, modules=lo.modules,
+                        base_dtype=lo.base_dtype)
+    except AdaptError as e:
+        raise TrainConfigError(str(e)) from None
+
+
 def initial_params(cfg: TrainConfig, model_cfg, mesh):
-    """The initial params on the mesh: random (seeded) or loaded from `model.init`."""
+    """The initial params on the mesh: random (seeded) or loaded from `model.init`; with LoRA, that
+    base (cast / quantized to `lora.base_dtype`) plus fresh adapters."""
+    spec = lora_spec(cfg)
+    params = _base_params(cfg, model_cfg, mesh)
+    if spec is None:
+        return params
+    from ..adapt.lora import abstract_lora, attach_adapter
+    from ..sharding import boxed_shardings, shard_params
+    params = attach_adapter(model_cfg, spec, params, cfg.run.seed)
+    return shard_params(params, boxed_shardings(abstract_lora(model_cfg, spec, boxed=True), mesh))
+
+
+def _base_params(cfg: TrainConfig, model_cfg, mesh):
     from .step import random_params
     init = cfg.model.init
     if init == "random":
@@ -183,6 +209,9 @@ def initial_params(cfg: TrainConfig, model_cfg, mesh):
     except CheckpointError as e:
         raise TrainConfigError(f"model.init: {init!r} is not 'random', a jinavlm-jax checkpoint or an official "
                                f"Hugging Face model directory: {e}") from None
+    if not isinstance(params, dict):
+        raise TrainConfigError(f"model.init: {init} holds quantized inference weights (python -m convert quantize); "
+                               "training needs the float checkpoint they were made from")
     same = lambda c: (c.vision, c.connector, c.text)
     if same(loaded_cfg) != same(model_cfg):
         raise TrainConfigError(f"model.init: {init} holds a different architecture than model.config "
@@ -193,14 +222,26 @@ def initial_params(cfg: TrainConfig, model_cfg, mesh):
 # ---------------------------------------------------------------------------------------- the whole setup
 
 def make_optimizer_and_steps(cfg: TrainConfig, model_cfg, mesh) -> tuple[Any, Any, Any, Any]:
-    """(abstract params, optax transform, ParamGroups, StepFns) of the recipe on `mesh`."""
+    """(abstract params, optax transform, ParamGroups, StepFns) of the recipe on `mesh`. With LoRA the
+    params are the frozen base plus the adapters, and only the adapters are in a trained group."""
     from ..model import abstract_params
     from .optim import make_optimizer
     from .step import make_steps
-    abstract = abstract_params(model_cfg)
-    tx, groups = make_optimizer(cfg.optimizer, cfg.run.steps, abstract)
+    spec, only = lora_spec(cfg), None
+    if spec is None:
+        abstract = abstract_params(model_cfg)
+    else:
+        from ..adapt import AdaptError
+        from ..adapt.lora import abstract_lora, is_adapter_path
+        try:
+            abstract = abstract_lora(model_cfg, spec)
+        except AdaptError as e:
+            raise TrainConfigError(str(e)) from None
+        only = is_adapter_path
+    tx, groups = make_optimizer(cfg.optimizer, cfg.run.steps, abstract, only)
     steps = make_steps(model_cfg, tx, groups, mesh, abstract, grad_accum=cfg.optimizer.grad_accum,
-                       loss_chunk=cfg.run.loss_chunk, unroll_layers=not cfg.model.scan_layers)
+                       loss_chunk=cfg.run.loss_chunk, lora=spec, seed=cfg.run.seed,
+                       unroll_layers=not cfg.model.scan_layers and spec is None)  # LoRA keeps the scan
     return abstract, tx, groups, steps
 
 
@@ -238,6 +279,15 @@ class Setup:
     groups: Any                    # optim.ParamGroups
     steps: Any                     # step.StepFns
     flops_per_step: float          # model FLOPs of one global step (`step_model_flops`)
+    lora: Any = None               # adapt.lora.LoraSpec (None: full fine-tuning)
+
+    def model_params(self, params):
+        """The params as a plain model tree: with LoRA the adapters merged into the (dequantized) base
+        (what generation, the export and `jinavlm generate` take); otherwise `params` as they are."""
+        if self.lora is None:
+            return params
+        from ..adapt.lora import merge_adapter, split_adapter
+        return merge_adapter(*split_adapter(params), self.lora)
 
     def train_dataset(self):
         """The training data of this process (iterate it; the iterator's state is checkpointed)."""
@@ -274,4 +324,4 @@ def build_setup(cfg: TrainConfig, say: Callable[[str], None] = lambda msg: None,
     abstract, tx, groups, steps = make_optimizer_and_steps(cfg, model_cfg, mesh)
     flops = step_model_flops(model_cfg, groups, rows=d.batch_size, seq_len=d.seq_len, crops=d.crops_per_row)
     return Setup(cfg, model_cfg, processor, mesh, train_sources, held_sources, encode, bspec, abstract, tx, groups,
-                 steps, flops)
+                 steps, flops, lora_spec(cfg))

@@ -44,9 +44,9 @@ BATCH_KEYS = ("input_ids", "labels", "weights", "positions", "segment_ids", "ima
 
 # ---------------------------------------------------------------------------------------- loss
 
-def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int):
+def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int, rngs=None):
     """(sum of weighted token losses, sum of weighted correct argmaxes) for hidden states h [B, C, D]."""
-    logits = model.apply({"params": params}, h, method=JinaVLM.logits_from_hidden).astype(jnp.float32)
+    logits = model.apply({"params": params}, h, method="logits_from_hidden", rngs=rngs).astype(jnp.float32)
     labels = jnp.clip(labels, 0, vocab - 1)  # padding (-1) and image tokens carry weight 0
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
@@ -57,7 +57,7 @@ def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int):
     return loss.sum(), correct.sum()
 
 
-def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: int):
+def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: int, rngs=None):
     """Cross-entropy sums over [B, L] positions, `chunk` positions at a time.
 
     Each chunk's logits are recomputed in the backward pass (`jax.checkpoint`), so peak memory holds
@@ -65,7 +65,7 @@ def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: 
     """
     b, l, d = h.shape
     if chunk <= 0 or chunk >= l:
-        return _xent_sums(model, params, h, labels, weights, vocab)
+        return _xent_sums(model, params, h, labels, weights, vocab, rngs)
     n = -(-l // chunk)
     pad = n * chunk - l
     if pad:
@@ -80,7 +80,7 @@ def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: 
     def body(carry, xs):
         hc, yc, wc = xs
         hc = constrain(hc, ("act_batch", "act_length", "act_embed"))
-        loss, correct = _xent_sums(model, params, hc, yc, wc, vocab)
+        loss, correct = _xent_sums(model, params, hc, yc, wc, vocab, rngs)
         return (carry[0] + loss, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -88,8 +88,9 @@ def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: 
     return loss, correct
 
 
-def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int) -> dict:
+def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs=None) -> dict:
     """Forward pass of one (micro-)batch -> {'loss_sum', 'correct', 'tokens'} (all float32 scalars).
+    `rngs`: {'dropout': key} for LoRA dropout (`adapt.lora`).
 
     A model with unrolled decoder layers (`scan_layers=False`) takes the stacked params of the train
     state: their per-layer slices are taken here, inside the compiled step, so the gradient flows back
@@ -99,14 +100,14 @@ def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int) -> dict:
     images = batch.get("images")
     if images is not None:
         x = model.apply({"params": params}, batch["input_ids"], images, batch["image_masks"],
-                        batch["image_input_idx"], method=JinaVLM.embed_inputs)
+                        batch["image_input_idx"], method="embed_inputs", rngs=rngs)
     else:
-        x = model.apply({"params": params}, batch["input_ids"], method=JinaVLM.embed_inputs)
+        x = model.apply({"params": params}, batch["input_ids"], method="embed_inputs", rngs=rngs)
     mask = SegmentMask(batch["segment_ids"])     # causal within packed samples; splash takes it as is
-    h, _ = model.apply({"params": params}, x, batch["positions"], mask, method=JinaVLM.decode_hidden)
+    h, _ = model.apply({"params": params}, x, batch["positions"], mask, method="decode_hidden", rngs=rngs)
     weights = batch["weights"].astype(jnp.float32)
     loss, correct = chunked_xent(model, params, h, batch["labels"], weights, model.config.text.vocab_size,
-                                 loss_chunk)
+                                 loss_chunk, rngs)
     return {"loss_sum": loss, "correct": correct, "tokens": weights.sum()}
 
 
@@ -125,14 +126,15 @@ class StepFns:
 
 
 def state_shardings(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    abstract_params: Any) -> dict:
+                    abstract_params: Any, p_shard: Any = None) -> dict:
     """Shardings of {'step', 'params', 'opt_state'}: optimizer moments follow their params, the rest
-    (counters) is replicated.
+    (counters) is replicated. `p_shard`: the params' shardings when they are not the model's own
+    (LoRA: base + adapters, `adapt.lora.abstract_lora`).
 
     A moment is recognised by its tree path ending in a param's path (optax nests the moments of
     multi_transform / chain under extra levels) with the param's shape.
     """
-    p_shard = param_shardings(model_cfg, mesh)
+    p_shard = param_shardings(model_cfg, mesh) if p_shard is None else p_shard
     replicated = NamedSharding(mesh, P())
     by_path = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
@@ -163,34 +165,63 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, groups: ParamGroups,
                mesh: Mesh, abstract_params: Any, *, grad_accum: int = 1, loss_chunk: int = 1024,
-               unroll_layers: bool = False) -> StepFns:
+               lora: Any = None, seed: int = 0, unroll_layers: bool = False) -> StepFns:
     """Build the jitted train and eval steps for this model, optimizer and mesh.
 
     train(state, batch) -> (state, metrics): the state is donated; metrics are replicated scalars
     (loss, accuracy, tokens, grad_norm, lr/<group>). eval(state, batch) -> sums for held-out loss.
     Call both under `sharding.use_mesh(mesh)` with global arrays (see `put_batch`).
+    `lora`: an `adapt.lora.LoraSpec`: the model is the Qwix LoRA model and `abstract_params` its tree
+    (frozen base + adapters); its dropout draws from key(seed) folded with the step.
     `unroll_layers`: run the decoder layers as a Python loop instead of `nn.scan` (the state keeps
-    the stacked layout of `model_cfg`; see `loss_sums`).
+    the stacked layout of `model_cfg`; see `loss_sums`); not with `lora`.
     """
-    model = JinaVLM(model_cfg.replace(scan_layers=False) if unroll_layers else model_cfg)
+    if unroll_layers and lora is not None:
+        raise ValueError("unroll_layers (model.scan_layers: false) is not supported with LoRA: "
+                         "LoRA trains the scanned decoder")
+    model, eval_model, p_shard = JinaVLM(model_cfg.replace(scan_layers=False) if unroll_layers else model_cfg), None, None
+    if lora is not None:
+        from ..adapt.lora import abstract_lora, lora_model
+        from ..sharding import boxed_shardings
+        model, eval_model = lora_model(model_cfg, lora), lora_model(model_cfg, lora.inference())
+        p_shard = boxed_shardings(abstract_lora(model_cfg, lora, boxed=True), mesh)
+    eval_model = eval_model or model
     trainable = groups.trainable_mask()
-    shardings = state_shardings(model_cfg, tx, mesh, abstract_params)
+    shardings = state_shardings(model_cfg, tx, mesh, abstract_params, p_shard)
     replicated = NamedSharding(mesh, P())
+    dropout = lora is not None and lora.dropout > 0
 
-    def frozen_stopped(params):
-        # Frozen groups get no gradient at all: XLA then drops their backward computation.
-        return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    def split(params):
+        # (trained, frozen): None in place of the other part's leaves. Only the trained part is
+        # differentiated: frozen params (an int8 QLoRA base included) get no backward computation.
+        return (jax.tree_util.tree_map(lambda t, p: p if t else None, trainable, params),
+                jax.tree_util.tree_map(lambda t, p: None if t else p, trainable, params))
 
-    def micro_loss(params, mb):
-        sums = loss_sums(model, frozen_stopped(params), mb, loss_chunk)
+    def join(trained, frozen):
+        return jax.tree_util.tree_map(lambda t, a, b: a if t else b, trainable, trained, frozen)
+
+    def micro_loss(trained, frozen, mb, key):
+        rngs = {"dropout": key} if dropout else None
+        sums = loss_sums(model, join(trained, frozen), mb, loss_chunk, rngs)
         return sums["loss_sum"], sums
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def zero(p):
+        # A zero gradient; float also for an int8 (QLoRA) base leaf, so gradient clipping can scale it.
+        return jnp.zeros_like(p, None if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32)
+
+    def grad_fn(params, mb, key):
+        trained, frozen = split(params)
+        (loss, sums), g = value_and_grad(trained, frozen, mb, key)
+        # Zeros for the frozen params: the optimizer (set_to_zero, no state) takes the whole tree.
+        return (loss, sums), join(g, jax.tree_util.tree_map(lambda t, p: None if t else zero(p), trainable, params))
 
     def train_step(state, batch):
         params = state["params"]
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
         if grad_accum == 1:
-            (_, sums), grads = grad_fn(params, batch)
+            (_, sums), grads = grad_fn(params, batch, key)
         else:
             def split(x):
                 # Row r of micro-batch a is row r * grad_accum + a: every micro-batch keeps the
@@ -199,15 +230,16 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
                 return jnp.swapaxes(x, 0, 1)
             mbs = jax.tree_util.tree_map(split, batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, s_acc = carry
-                (_, sums), g = grad_fn(params, mb)
+                mb, i = xs
+                (_, sums), g = grad_fn(params, mb, jax.random.fold_in(key, i))
                 return (jax.tree_util.tree_map(jnp.add, g_acc, g),
                         jax.tree_util.tree_map(jnp.add, s_acc, sums)), None
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            zeros = jax.tree_util.tree_map(zero, params)
             zs = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "tokens")}
-            (grads, sums), _ = jax.lax.scan(body, (zeros, zs), mbs)
+            (grads, sums), _ = jax.lax.scan(body, (zeros, zs), (mbs, jnp.arange(grad_accum)))
         denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g, t: g / denom if t else jnp.zeros_like(g), grads, trainable)
         grad_norm = optax.tree.norm(grads)
@@ -220,7 +252,7 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
         return {"step": step + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     def eval_step(state, batch):
-        return loss_sums(model, state["params"], batch, loss_chunk)
+        return loss_sums(eval_model, state["params"], batch, loss_chunk)
 
     def batch_shardings(batch: dict) -> dict:
         return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
