@@ -37,9 +37,9 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype) -> ja
 def cast_kernel(kernel, dtype: Dtype):
     """The kernel in the compute dtype. An int8 kernel (Qwix's `WithAux(QArray)`, `adapt.quant`) keeps its
     int8 values and gets its scales in `dtype` (Qwix's own `WithAux.astype` cannot re-box a QArray)."""
-    if isinstance(kernel, jax.Array):
-        return kernel.astype(dtype)
-    return kernel.replace(array=kernel.array.astype(dtype))
+    if hasattr(kernel, "array") and hasattr(kernel, "replace"):  # Qwix's WithAux(QArray)
+        return kernel.replace(array=kernel.array.astype(dtype))
+    return kernel.astype(dtype)  # a jax or numpy array
 
 
 class Dense(nn.Module):
