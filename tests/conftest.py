@@ -18,6 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 # through compile-only topologies, which this does not affect. Subprocesses inherit it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The tests' programs are small and compiled once each: most of their time is XLA:CPU compiling, and
+# LLVM's optimisation passes are most of that. Level 0 halves the suite's time; it changes no
+# floating-point result (XLA:CPU does not reassociate without fast-math, at any level), and the
+# matmuls run in library kernels either way. Speed is measured by benchmarks/, never by tests.
+# Subprocesses inherit it (tests that set XLA_FLAGS for simulated devices append to it).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 
 def testdata_dir() -> Path | None:
     """Location of the shared golden data: $JINAVLM_TESTDATA, else ../shared/testdata beside the repo."""

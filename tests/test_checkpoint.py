@@ -29,7 +29,7 @@ def run_with_devices(script: str, n: int = 8, timeout: int = 300) -> dict:
     A subprocess because the device count is fixed when JAX starts, and this pytest process must
     stay single-device for the other tests.
     """
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
