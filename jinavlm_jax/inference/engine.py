@@ -195,22 +195,16 @@ def insert(prefix: Prefix, state: DecodeState, slot, seed, temperature, top_k, t
 
 
 def generate(config: JinaVLMConfig, steps_per_call: int, filtered: bool, params: InferenceParams,
-             state: DecodeState, active, window: int | None = None) -> tuple[DecodeState, jax.Array]:
+             state: DecodeState, active) -> tuple[DecodeState, jax.Array]:
     """Every slot advances `steps_per_call` tokens (inactive slots compute and are ignored; their
-    length does not move). Returns (state, tokens [steps_per_call, slots]).
-
-    `window`: attention reads only the first `window` cache rows (every active slot's tokens, the ones
-    this call writes included, must lie below it; the engine picks the smallest of `windows()`), so a
-    step costs what the longest live request needs, not what `max_model_len` allows. None: all rows."""
+    length does not move). Returns (state, tokens [steps_per_call, slots])."""
     rows = jnp.arange(state.lengths.shape[0])
     keys = row_keys(state.seeds)
     step_on = active.astype(jnp.int32)
-    window = window or state.kv_valid.shape[1]
 
     def one(st: DecodeState, _):
         kv_valid = st.kv_valid.at[rows, st.lengths].set(True, mode="drop")
-        logits, caches = decode_step(config, params, st.tokens, st.lengths, st.caches, kv_valid[:, :window],
-                                     st.lengths)
+        logits, caches = decode_step(config, params, st.tokens, st.lengths, st.caches, kv_valid, st.lengths)
         nxt = sample(logits, keys, st.steps, st.temperature, st.top_k, st.top_p, filtered=filtered)
         st = st._replace(caches=caches, kv_valid=kv_valid, lengths=st.lengths + step_on,
                          tokens=jnp.where(active, nxt, st.tokens), steps=st.steps + step_on)
@@ -389,30 +383,13 @@ class Engine:
         return self._program(("insert", length), lambda: jax.jit(insert, donate_argnums=1).lower(
             *insert_shapes(self.config, self.params, length, state, self.mesh)).compile())
 
-    def _generate_prog(self, key: tuple[bool, int]):
-        filtered, window = key
-
+    def _generate_prog(self, filtered: bool):
         def build():
-            fn = jax.jit(partial(generate, self.config, self.steps_per_call, filtered, window=window),
-                         donate_argnums=1)
+            fn = jax.jit(partial(generate, self.config, self.steps_per_call, filtered), donate_argnums=1)
             active = _sds((self.max_batch,), jnp.bool_, STATE_AXES, self.mesh)
             return fn.lower(self.params, abstract_state(self.config, self.max_batch, self.cache_length, self.mesh),
                             active).compile()
-        return self._program(("generate", filtered, window), build)
-
-    def windows(self) -> list[int]:
-        """Attention windows of the decode step: 128, 256, 512, ... rows below the cache length, and
-        the cache length (one generate program per window and sampling kind)."""
-        out, w = [], 128
-        while w < self.cache_length:
-            out.append(w)
-            w *= 2
-        return out + [self.cache_length]
-
-    def _window(self) -> int:
-        """The smallest window holding every live slot's tokens after this call's steps."""
-        need = max(r.prompt_tokens + len(r.tokens) - 1 + self.steps_per_call for r in self._slots if r is not None)
-        return next((w for w in self.windows() if w >= need), self.cache_length)
+        return self._program(("generate", filtered), build)
 
     def _empty_state(self) -> DecodeState:
         def zeros(a):
@@ -431,7 +408,7 @@ class Engine:
             self._state = self._empty_state()
         keys = ([("encode", c) for c in self.crop_buckets()]
                 + [(kind, b) for b in prompt_buckets(self.max_model_len) for kind in ("prefill", "insert")]
-                + [("generate", (filtered, w)) for filtered in (False, True) for w in self.windows()])
+                + [("generate", False), ("generate", True)])
         build = {"encode": self._encode_prog, "prefill": self._prefill_prog, "insert": self._insert_prog,
                  "generate": self._generate_prog}
         t0 = time.perf_counter()
@@ -640,8 +617,7 @@ class Engine:
         filtered = any(r is not None and r.sampling.filtered for r in self._slots)
         try:
             with mesh_context(self.mesh):
-                prog = self._generate_prog((filtered, self._window()))
-                self._state, toks = prog(self.params, self._state, self._batch(active))
+                self._state, toks = self._generate_prog(filtered)(self.params, self._state, self._batch(active))
             toks = np.asarray(jax.device_get(toks))
         except Exception as e:  # noqa: BLE001 - fail the requests of this step, keep serving
             print(f"jinavlm engine: decode step failed: {type(e).__name__}: {e}", file=sys.stderr)

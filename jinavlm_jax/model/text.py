@@ -72,9 +72,7 @@ class DecoderLayer(nn.Module):
             keys, values = k, v
         else:
             keys, values = (write_cache(c_, new, cache_index) for c_, new in zip(kv_cache, (k, v)))
-        # A decode mask narrower than the cache [B, L, W < S] attends over its first W rows only.
-        w = mask.shape[-1] if kv_cache is not None and not isinstance(mask, SegmentMask) else None
-        a = self._attend(q, keys[:, :w], values[:, :w], mask, kv_cache is not None)
+        a = self._attend(q, keys, values, mask, kv_cache is not None)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out",
                       out_dtype=jnp.float32, **kw)(a)
