@@ -224,11 +224,11 @@ def _adapt(results: dict) -> list[str]:
         a = d["arithmetic"]
         kv = a["kv_cache_bytes"] / a["tensor"]   # the KV heads split over tensor
         b = results.get("decode-v5e-2x2-tp4")
+        wa = d["memory"]["argument"] - kv
+        wb = b["memory"]["argument"] - kv if b and "error" not in b else None
         out += ["", f"The decode program's arguments are the params it reads and the bf16 KV cache of 32 x 4096 slots "
                 f"({G(kv):.2f} GiB per chip), which int8 weights do not shrink. Without the cache: "
-                + (f"{G(d['memory']['argument'] - kv):.2f} GiB (int8) against "
-                   f"{G(b['memory']['argument'] - kv):.2f} GiB (bf16) per chip, "
-                   f"{(d['memory']['argument'] - kv) / (b['memory']['argument'] - kv):.2f}x; " if b and "error" not in b else "")
+                + (f"{G(wa):.2f} GiB (int8) against {G(wb):.2f} GiB (bf16) per chip, {wa / wb:.2f}x; " if wb else "")
                 + "the embedding tables (a gather, not a matmul) stay bf16."]
     return out + [""]
 

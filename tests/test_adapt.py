@@ -160,16 +160,16 @@ def test_adapter_files_cli_and_merge(tiny, tiny_vlm_dir, tmp_path, capsys):
     x = random_inputs(config, seed=4, batch=1, crops=1, length=8)
     want = logits_of(lora_model(config, SPEC), _join(params, adapter), x)
     np.testing.assert_allclose(logits_of(plain_model(config), merged, x), want, rtol=0, atol=1e-5)
+    assert main(["convert", "orbax-to-hf", str(merged_dir), str(tmp_path / "merged_hf")]) == 0   # the official layout
+    assert (tmp_path / "merged_hf" / "config.json").is_file()
 
-    # --adapter on generate gives the merged checkpoint's answer (also with --quantize int8)
+    # --adapter on generate gives the merged checkpoint's answer
     common = ["--tokenizer", str(tiny_vlm_dir), "--prompt", "what colour", "--max-new-tokens", "4", "--raw"]
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(merged_dir), *common]) == 0
     merged_answer = capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(tiny_vlm_dir / "ckpt"), "--adapter", str(adir), *common]) == 0
     assert capsys.readouterr().out == merged_answer
-    assert main(["generate", "--checkpoint", str(tiny_vlm_dir / "ckpt"), "--adapter", str(adir), "--quantize",
-                 "int8", *common]) == 0
 
     # bad inputs: one clear line each
     cases = {"missing": tmp_path / "nope"}
