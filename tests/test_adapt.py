@@ -62,6 +62,7 @@ def trained_like(adapter, seed=0):
         if str(p[-1].key).endswith("_lora_b") else x, adapter)
 
 
+@pytest.mark.slow
 def test_adapter_starts_as_noop_and_merges_exactly(tiny, inputs):
     cfg, base = tiny
     params = attach_adapter(cfg, SPEC, base, seed=0)
@@ -94,6 +95,7 @@ def _join(base, adapter):
     return join_adapter(base, adapter)
 
 
+@pytest.mark.slow
 def test_int8_logits_agree_with_float(tiny, inputs):
     cfg, base = tiny
     ip_f = prepare_params(cfg, base)
@@ -112,6 +114,7 @@ def test_int8_logits_agree_with_float(tiny, inputs):
     assert mv["top1_agree"] >= 0.9, mv
 
 
+@pytest.mark.slow
 def test_int8_generate_and_quantized_checkpoint(tiny, tiny_vlm_dir, tmp_path, capsys):
     from jinavlm_jax.checkpoint import load
     from jinavlm_jax.cli import main
@@ -142,6 +145,7 @@ def test_int8_generate_and_quantized_checkpoint(tiny, tiny_vlm_dir, tmp_path, ca
     assert "top1_agree" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_adapter_files_cli_and_merge(tiny, tiny_vlm_dir, tmp_path, capsys):
     from jinavlm_jax.checkpoint import load
     from jinavlm_jax.cli import main

@@ -187,6 +187,7 @@ def test_a_program_that_cannot_fit_ends_with_a_clear_message(tmp_path, capsys):
     assert "does not fit" in out.read_text()
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_serving_engine_compiles_for_v5e_2x2(tmp_path, capsys):
     """Serving (issue 11, acceptance 5 on the tiny model): the engine's encode / prefill / insert /

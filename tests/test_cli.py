@@ -60,6 +60,7 @@ def test_generate_streams_the_api_answer(model_dir, image, api_answer, capsys):
     assert "--max-new-tokens 6" in err  # the stop reason goes to stderr
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_gives_the_same_answer(model_dir, image, api_answer, capsys, tmp_path):
     from jinavlm_jax import checkpoint
     checkpoint.save(tmp_path / "orbax", *load_jina_vlm(model_dir))

@@ -64,6 +64,7 @@ def assert_same_checkpoint(a, b):
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_golden_round_trip_and_logits(testdata, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

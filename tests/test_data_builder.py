@@ -128,6 +128,7 @@ def test_caption_folder_and_missing_split(tmp_path):
         open_split(d, "train")
 
 
+@pytest.mark.slow
 def test_beam_direct_runner_builds_the_same_records(src, tmp_path):
     pytest.importorskip("apache_beam", reason="apache-beam is an optional extra (pip install 'jinavlm-jax[beam]')")
     local = build_dataset(src, "local", tmp_path / "tfds", verbose=False)

@@ -109,6 +109,7 @@ def test_kv_cache_greedy_equals_full_forward(set1, gen, testdata):
     assert out.stop_reasons == ["length"] * 3 and out.steps == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["set1_main", "set1_batch"])
 def test_greedy_equals_golden(gen, testdata, case):
     """Acceptance 2: the golden greedy tokens (8 tokens, no stop id, images only at prefill)."""
@@ -172,6 +173,7 @@ def test_sharded_generation_equals_single_device(testdata):
     assert res["tensor4"] == single, "tensor=4 (more than the 2 KV heads) changed the tokens"
 
 
+@pytest.mark.slow
 def test_compiles_once_for_different_images_in_one_bucket(gen, testdata):
     """Acceptance 4: three images of different sizes (3, 3 and 5 crops) with prompts of different
     lengths, through the real processor, compile nothing after the first request.
@@ -204,6 +206,7 @@ def test_compiles_once_for_different_images_in_one_bucket(gen, testdata):
     assert all(len(o.tokens[0]) <= 4 + i for i, o in enumerate(outs))
 
 
+@pytest.mark.slow
 def test_sampling_settings(gen, testdata):
     g = dict(np.load(testdata / "set1_batch.npz"))
     greedy = g["greedy_tokens"].tolist()

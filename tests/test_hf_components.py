@@ -76,6 +76,7 @@ def _forwards(config):
             jax.jit(lambda p, x: model.apply({"params": p}, x, method=JinaVLM.vision_features)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vision,text", [("siglip2", "qwen3_tied"), ("siglip", "qwen3_untied")])
 def test_from_components_parity(hf, tmp_path, vision, text):
     (vdir, vmodel), (tdir, tmodel) = hf[vision], hf[text]

@@ -21,6 +21,7 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["set1_main", "set1_batch"])
 def test_whole_model_equals_golden(set1, testdata, case):
     cfg, params = set1

@@ -93,6 +93,7 @@ def tiny():
     return cfg, init_params(cfg, 0)
 
 
+@pytest.mark.slow
 def test_tiny_decoder_left_padding_matches_xla(tiny):
     """Acceptance 4: the tiny model's decoder (2 layers, GQA 4/2) on left-padded prompts, splash vs
     XLA, hidden states and logits on real tokens within 1e-5 relative (float32)."""
