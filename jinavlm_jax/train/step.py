@@ -45,7 +45,7 @@ BATCH_KEYS = ("input_ids", "labels", "weights", "positions", "segment_ids", "ima
 # ---------------------------------------------------------------------------------------- loss
 
 def _xent_sums(model: JinaVLM, params, h, labels, weights, vocab: int, rngs=None):
-    """(sum of weighted token losses, sum of weighted correct argmaxes) for hidden states h [B, C, D]."""
+    """(sum of weighted token losses, sum of weighted positions whose label has the top logit) for h [B, C, D]."""
     logits = model.apply({"params": params}, h, method="logits_from_hidden", rngs=rngs).astype(jnp.float32)
     labels = jnp.clip(labels, 0, vocab - 1)  # padding (-1) and image tokens carry weight 0
     lse = jax.nn.logsumexp(logits, axis=-1)
