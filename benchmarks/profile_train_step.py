@@ -1,12 +1,14 @@
 """Where the compiled train step's time goes, op by op, on this CPU.
 
     python3 benchmarks/profile_train_step.py [--recipe configs/demo.yaml] [--steps 5] [--top 25]
-                                             [--unrolled] [--batch 32] [--seq-len 256]
+                                             [--unrolled] [--batch 32] [--seq-len 256] [key=value ...]
 
 Builds the recipe's model (its `model.arch` on the tiny layout, the demo tokenizer's 1024-word
-vocabulary), the recipe's optimizer and the real jitted train step (`train.step.make_steps`) on one
-device, feeds it one synthetic batch of the recipe's shapes (`--batch` rows of `--seq-len` tokens,
-`data.crops_per_row` crops per row, a tenth of the tokens weighted) and times `--steps` steps. Then it
+vocabulary), the recipe's optimizer and the real jitted train step (`train.step.make_steps`, with the
+recipe's `model.scan_layers`, `run.loss_chunk` and `run.loss_positions`; `key=value` overrides as for
+train.py) on one device, feeds it one synthetic batch of the recipe's shapes (`--batch` rows of
+`--seq-len` tokens, `data.crops_per_row` crops per row, an 8-token answer weighted per row) and times
+`--steps` steps. Then it
 traces `--steps` more with `jax.profiler` and sums the XLA:CPU thunks by the part of the model their
 HLO comes from (the `op_name` metadata: vision / connector / text decoder / loss / optimizer, forward
 or backward) and by kind (matmul, copy or transpose, reduce, other fused loops). Thunks run on
@@ -86,9 +88,13 @@ def synthetic_batch(cfg, mc: JinaVLMConfig, rows: int, seq_len: int, seed: int =
         if start + per_crop <= seq_len:
             idx[:, c] = np.arange(start, start + per_crop)
     vocab = mc.text.vocab_size
+    # An 8-token answer after the image tokens of each row (the demo's answers are 2-8 tokens).
+    weights = np.zeros((rows, seq_len), np.float32)
+    end = min(seq_len, 8 + crops * (per_crop + 8) + 40)
+    weights[:, end - 8:end] = 1.0
     return {"input_ids": rng.integers(0, vocab, (rows, seq_len)).astype(np.int32),
             "labels": rng.integers(0, vocab, (rows, seq_len)).astype(np.int32),
-            "weights": (rng.random((rows, seq_len)) < 0.1).astype(np.float32),
+            "weights": weights,
             "positions": np.tile(np.arange(seq_len, dtype=np.int32), (rows, 1)),
             "segment_ids": np.ones((rows, seq_len), np.int32),
             "images": rng.standard_normal((rows, crops, patches, mc.vision.patch_dim)).astype(np.float32),
@@ -121,10 +127,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, help="rows (default: the recipe's data.batch_size)")
     ap.add_argument("--seq-len", type=int, help="tokens per row (default: the recipe's data.seq_len)")
     ap.add_argument("--vocab", type=int, default=1024, help="decoder vocabulary (the demo tokenizer's)")
-    ap.add_argument("--unrolled", action="store_true", help="decoder layers without nn.scan")
+    ap.add_argument("--unrolled", action="store_true", help="decoder layers without nn.scan (also: the recipe's "
+                    "model.scan_layers: false)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train.py")
     args = ap.parse_args(argv)
 
-    cfg = load_config(args.recipe, [])
+    cfg = load_config(args.recipe, args.overrides)
+    args.unrolled = args.unrolled or not cfg.model.scan_layers
     base = JinaVLMConfig.tiny()
     base = base.replace(text=base.text.__class__(**{**base.text.__dict__, "vocab_size": args.vocab}))
     mc = apply_arch(base, cfg.model.arch).replace(scan_layers=not args.unrolled, remat_policy=cfg.model.remat_policy)
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ab = abstract_params(mc)
     tx, groups = make_optimizer(cfg.optimizer, max(cfg.run.steps, 1), ab)
-    steps = make_steps(mc, tx, groups, mesh, ab, loss_chunk=cfg.run.loss_chunk)
+    steps = make_steps(mc, tx, groups, mesh, ab, loss_chunk=cfg.run.loss_chunk, loss_positions=cfg.run.loss_positions)
     state = {"s": init_state(tx, steps.state_shardings, random_params(mc, mesh, 0))}
     with use_mesh(mesh):
         b = put_batch(batch, mesh)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinavlm_jax.model import JinaVLM, abstract_params
+from jinavlm_jax.model import JinaVLM, JinaVLMConfig, abstract_params
 from jinavlm_jax.sharding import make_mesh
 from jinavlm_jax.train.config import GroupConfig, OptimizerConfig, TrainConfigError
 from jinavlm_jax.train.optim import FROZEN, make_optimizer, make_schedule
@@ -191,3 +191,37 @@ def test_splash_train_step_equals_xla(env):
         state, m = steps.train(state, put_batch(b, mesh))
         assert float(m["loss"]) == pytest.approx(ref["loss"], rel=1e-5)
         assert float(m["grad_norm"]) == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+
+def test_loss_positions_equal_every_position():
+    """Logits at the first K weighted positions of each row (`run.loss_positions`) give the loss,
+    correct count and gradients of the loss at every position, when no row has more than K."""
+    from jinavlm_jax.train.step import check_loss_positions, weighted_positions
+    mc = JinaVLMConfig.tiny()
+    model = JinaVLM(mc)
+    params = jax.device_get(random_params(mc, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 0))
+    v, k = mc.text.vocab_size, 6
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(3, 40, mc.text.hidden_size)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, (3, 40)))
+    w = np.zeros((3, 40), np.float32)
+    w[0, 30:36] = 1.0          # k weighted positions
+    w[1, [2, 17, 39]] = 1.0    # fewer, scattered (the rest of the k slots get weight-0 positions)
+    check_loss_positions(w, k, 0)
+    with pytest.raises(TrainConfigError, match="run.loss_positions=5"):
+        check_loss_positions(w, 5, 0)
+    w = jnp.asarray(w)
+
+    def loss(p, h, selected):
+        hh, yy, ww = weighted_positions(k, h, y, w) if selected else (h, y, w)
+        return chunked_xent(model, p, hh, yy, ww, v, 0)
+
+    for selected in (False, True):
+        (l, c), g = jax.value_and_grad(lambda p, h: loss(p, h, selected), argnums=(0, 1), has_aux=True)(params, h)
+        if not selected:
+            ref, ref_c, ref_g = l, c, g
+    assert float(l) == pytest.approx(float(ref), rel=1e-6) and float(c) == float(ref_c)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    sel = weighted_positions(k, h, y, w)[1]
+    np.testing.assert_array_equal(np.asarray(sel[0]), np.asarray(y[0, 30:36]))  # in order

@@ -40,6 +40,10 @@ class RunConfig:
     seed: int = 0                     # params init and data order
     resume: bool = True               # continue from the latest checkpoint in output_dir/checkpoints
     loss_chunk: int = 1024            # positions per chunk of the chunked cross-entropy (0 = unchunked)
+    # > 0: logits and loss only at the first `loss_positions` weighted positions of each row (SFT
+    # rows whose answers are a small part of the sequence skip the LM head everywhere else); a row
+    # with more weighted positions stops the run with an error. 0 = every position.
+    loss_positions: int = 0
 
 
 @dataclass(frozen=True)
@@ -497,6 +501,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     r, d, o = cfg.run, cfg.data, cfg.optimizer
     need(r.steps >= 1, "run.steps", f"must be >= 1, got {r.steps}")
     need(r.loss_chunk >= 0, "run.loss_chunk", f"must be >= 0, got {r.loss_chunk}")
+    need(r.loss_positions >= 0, "run.loss_positions", f"must be >= 0, got {r.loss_positions}")
     need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     need(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
     need(d.crops_per_row >= 0, "data.crops_per_row", f"must be >= 0, got {d.crops_per_row}")

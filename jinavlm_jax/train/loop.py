@@ -168,9 +168,10 @@ class Trainer:
 
     def step(self, step: int) -> None:
         """Dispatch train step `step` on the next batch (returns before the devices finish it)."""
-        from .step import put_batch
+        from .step import check_loss_positions, put_batch
         it = self.data
         host = next(it)
+        check_loss_positions(host["weights"], self.cfg.run.loss_positions, step)
         info = {"batch_tokens": float((host["segment_ids"] > 0).sum()) * self.n_proc,
                 "samples": it.counters["samples"], "skipped_bad_image": it.counters["skipped_bad_image"],
                 "skipped_too_long": it.counters["skipped_too_long"], "truncated": it.counters["truncated"]}
@@ -356,8 +357,9 @@ def export(directory: Path, model_cfg, params, processor, cfg: TrainConfig) -> P
     save(directory, model_cfg, params, overwrite=True, source={"trained_by": "jinavlm_jax.train",
                                                              "steps": cfg.run.steps})
     tok_dir = Path(cfg.tokenizer)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json"):
-        if (tok_dir / name).is_file():
+    from ..processing import PROCESSOR_FILES
+    for name in PROCESSOR_FILES:
+        if name != "preprocessor_config.json" and (tok_dir / name).is_file():  # written below from `processor`
             shutil.copy(tok_dir / name, directory / name)
     (directory / "preprocessor_config.json").write_text(json.dumps(processor.config.to_hf(), indent=1))
     (directory / "config.json").write_text(json.dumps(model_cfg.to_hf(), indent=1))

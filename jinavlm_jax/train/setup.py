@@ -240,17 +240,19 @@ def make_optimizer_and_steps(cfg: TrainConfig, model_cfg, mesh) -> tuple[Any, An
         only = is_adapter_path
     tx, groups = make_optimizer(cfg.optimizer, cfg.run.steps, abstract, only)
     steps = make_steps(model_cfg, tx, groups, mesh, abstract, grad_accum=cfg.optimizer.grad_accum,
-                       loss_chunk=cfg.run.loss_chunk, lora=spec, seed=cfg.run.seed,
+                       loss_chunk=cfg.run.loss_chunk, loss_positions=cfg.run.loss_positions, lora=spec, seed=cfg.run.seed,
                        unroll_layers=not cfg.model.scan_layers and spec is None)  # LoRA keeps the scan
     return abstract, tx, groups, steps
 
 
-def step_model_flops(model_cfg, groups, *, rows: int, seq_len: int, crops: int) -> float:
+def step_model_flops(model_cfg, groups, *, rows: int, seq_len: int, crops: int, loss_positions: int = 0) -> float:
     """Model FLOPs of one train step of `rows` rows (all devices): `flops.model_flops`, with the
-    vision tower's backward counted only when one of its params is trained."""
+    vision tower's backward counted only when one of its params is trained and the LM head over
+    `loss_positions` per row when that is set (`run.loss_positions`)."""
     from ..flops import model_flops
     return model_flops(model_cfg, rows=rows, seq_len=seq_len, crops=crops, train=True,
-                       train_vision=groups.trains("vision"))["total"]
+                       train_vision=groups.trains("vision"),
+                       logit_positions=loss_positions if 0 < loss_positions < seq_len else None)["total"]
 
 
 def check_batch(cfg: TrainConfig, mesh) -> None:
@@ -322,6 +324,7 @@ def build_setup(cfg: TrainConfig, say: Callable[[str], None] = lambda msg: None,
     local_batch = d.batch_size // jax.process_count()
     bspec = BatchSpec.for_processor(pc, local_batch, d.seq_len, d.crops_per_row, d.packing, d.image_dtype)
     abstract, tx, groups, steps = make_optimizer_and_steps(cfg, model_cfg, mesh)
-    flops = step_model_flops(model_cfg, groups, rows=d.batch_size, seq_len=d.seq_len, crops=d.crops_per_row)
+    flops = step_model_flops(model_cfg, groups, rows=d.batch_size, seq_len=d.seq_len, crops=d.crops_per_row,
+                             loss_positions=cfg.run.loss_positions)
     return Setup(cfg, model_cfg, processor, mesh, train_sources, held_sources, encode, bspec, abstract, tx, groups,
                  steps, flops, lora_spec(cfg))

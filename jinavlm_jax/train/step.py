@@ -36,6 +36,7 @@ from ..model import JinaVLM, JinaVLMConfig
 from ..model.layers import constrain
 from ..model.text import SegmentMask
 from ..sharding import named, param_shardings, use_mesh
+from .config import TrainConfigError
 from .optim import ParamGroups
 
 BATCH_KEYS = ("input_ids", "labels", "weights", "positions", "segment_ids", "images", "image_masks",
@@ -88,9 +89,29 @@ def chunked_xent(model: JinaVLM, params, h, labels, weights, vocab: int, chunk: 
     return loss, correct
 
 
-def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs=None) -> dict:
+def weighted_positions(k: int, h, labels, weights):
+    """(h, labels, weights) at the first `k` weighted positions of each row, in order ([B, k, ...]).
+
+    Rows with fewer weighted positions are filled with weight-0 positions; the caller makes sure no
+    row has more (`Trainer.step` checks the host batch). The gradient flows back through the gather.
+    """
+    order = jnp.argsort((weights <= 0).astype(jnp.int32), axis=1, stable=True)[:, :k]
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+    return take(h), take(labels), take(weights)
+
+
+def check_loss_positions(weights: np.ndarray, k: int, step: int) -> None:
+    """Raise if a row of this (host) batch has more than `k` weighted positions (`run.loss_positions`)."""
+    most = int((np.asarray(weights) > 0).sum(1).max(initial=0))
+    if k and most > k:
+        raise TrainConfigError(f"run.loss_positions={k}: a row of the batch for step {step} has {most} weighted "
+                               "(answer) positions; raise run.loss_positions or set it to 0 (loss at every position)")
+
+
+def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs=None, loss_positions: int = 0) -> dict:
     """Forward pass of one (micro-)batch -> {'loss_sum', 'correct', 'tokens'} (all float32 scalars).
-    `rngs`: {'dropout': key} for LoRA dropout (`adapt.lora`).
+    `rngs`: {'dropout': key} for LoRA dropout (`adapt.lora`). `loss_positions` > 0: logits only at the
+    first that many weighted positions of each row (`weighted_positions`), not at every position.
 
     A model with unrolled decoder layers (`scan_layers=False`) takes the stacked params of the train
     state: their per-layer slices are taken here, inside the compiled step, so the gradient flows back
@@ -105,10 +126,12 @@ def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs=None) -
         x = model.apply({"params": params}, batch["input_ids"], method="embed_inputs", rngs=rngs)
     mask = SegmentMask(batch["segment_ids"])     # causal within packed samples; splash takes it as is
     h, _ = model.apply({"params": params}, x, batch["positions"], mask, method="decode_hidden", rngs=rngs)
-    weights = batch["weights"].astype(jnp.float32)
-    loss, correct = chunked_xent(model, params, h, batch["labels"], weights, model.config.text.vocab_size,
-                                 loss_chunk, rngs)
-    return {"loss_sum": loss, "correct": correct, "tokens": weights.sum()}
+    weights, labels = batch["weights"].astype(jnp.float32), batch["labels"]
+    tokens = weights.sum()
+    if 0 < loss_positions < h.shape[1]:
+        h, labels, weights = weighted_positions(loss_positions, h, labels, weights)
+    loss, correct = chunked_xent(model, params, h, labels, weights, model.config.text.vocab_size, loss_chunk, rngs)
+    return {"loss_sum": loss, "correct": correct, "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------- steps
@@ -165,7 +188,7 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, groups: ParamGroups,
                mesh: Mesh, abstract_params: Any, *, grad_accum: int = 1, loss_chunk: int = 1024,
-               lora: Any = None, seed: int = 0, unroll_layers: bool = False) -> StepFns:
+               lora: Any = None, seed: int = 0, unroll_layers: bool = False, loss_positions: int = 0) -> StepFns:
     """Build the jitted train and eval steps for this model, optimizer and mesh.
 
     train(state, batch) -> (state, metrics): the state is donated; metrics are replicated scalars
@@ -175,6 +198,7 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
     (frozen base + adapters); its dropout draws from key(seed) folded with the step.
     `unroll_layers`: run the decoder layers as a Python loop instead of `nn.scan` (the state keeps
     the stacked layout of `model_cfg`; see `loss_sums`); not with `lora`.
+    `loss_positions`: logits and loss only at that many weighted positions per row (`loss_sums`).
     """
     if unroll_layers and lora is not None:
         raise ValueError("unroll_layers (model.scan_layers: false) is not supported with LoRA: "
@@ -202,7 +226,7 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
 
     def micro_loss(trained, frozen, mb, key):
         rngs = {"dropout": key} if dropout else None
-        sums = loss_sums(model, join(trained, frozen), mb, loss_chunk, rngs)
+        sums = loss_sums(model, join(trained, frozen), mb, loss_chunk, rngs, loss_positions)
         return sums["loss_sum"], sums
 
     value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
@@ -252,7 +276,7 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
         return {"step": step + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     def eval_step(state, batch):
-        return loss_sums(eval_model, state["params"], batch, loss_chunk)
+        return loss_sums(eval_model, state["params"], batch, loss_chunk)  # held-out loss: every position
 
     def batch_shardings(batch: dict) -> dict:
         return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
