@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 from . import checkpoint
 from .model.config import ConfigError, JinaVLMConfig
 from .model.jinavlm import JinaVLM, tokens_per_crop
+from .processing.processor import PROCESSOR_FILES
 from .sharding import mesh_from_spec, param_shardings
 from .weights.hf_components import open_components
 from .weights.official import load_params, official_table, official_tensors
@@ -192,7 +194,9 @@ def parse_size(text: str | int) -> int:
 
 def orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int = "5GB",
                 dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> Summary:
-    """Orbax checkpoint -> official directory: config.json, model-0000k-of-0000n.safetensors, index.
+    """Orbax checkpoint -> official directory: config.json, model-0000k-of-0000n.safetensors, index,
+    and the tokenizer / processor files found beside the checkpoint (`PROCESSOR_FILES`: a training run's
+    export has them), so the official directory answers prompts on its own.
 
     Tensor dtypes: `dtype` if given, else the source dtypes recorded by `hf_to_orbax`, else the
     params' dtype. Tensors keep the official table order; a shard closes before it would pass
@@ -256,10 +260,14 @@ def orbax_to_hf(src: str | Path, dst: str | Path, *, max_shard_size: str | int =
         (tmp / INDEX_NAME).write_text(json.dumps(
             {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        copied = [name for name in PROCESSOR_FILES if (src / name).is_file()]
+        for name in copied:
+            shutil.copy(src / name, tmp / name)
     prog.close()
     n_params = sum(int(np.prod(s)) for _, s, _ in specs)
     return Summary("orbax-to-hf", str(src), str(dst), len(specs), n_params, "/".join(kinds), sum(sizes),
-                   time.perf_counter() - t0, [f"{n} shard(s) of at most {_gb(limit)}"])
+                   time.perf_counter() - t0, [f"{n} shard(s) of at most {_gb(limit)}"]
+                   + ([f"copied {', '.join(copied)}"] if copied else []))
 
 
 # ---------------------------------------------------------------------------------- components

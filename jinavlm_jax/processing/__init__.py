@@ -10,10 +10,10 @@ from .config import PreprocessConfig
 from .errors import ImageInputError, PreprocessConfigError, ProcessingError, PromptError, TokenizerError
 from .image import ImageProcessor, select_tiling, smart_resize, smart_resize_image
 from .loading import load_rgb
-from .processor import Processor
+from .processor import PROCESSOR_FILES, Processor
 from .resize import resize_bilinear
 from .tokenizer import TextTokenizer
 
-__all__ = ["PreprocessConfig", "ImageProcessor", "Processor", "TextTokenizer", "ProcessingError",
+__all__ = ["PROCESSOR_FILES", "PreprocessConfig", "ImageProcessor", "Processor", "TextTokenizer", "ProcessingError",
            "ImageInputError", "PromptError", "PreprocessConfigError", "TokenizerError", "load_rgb",
            "render_chat", "resize_bilinear", "select_tiling", "smart_resize", "smart_resize_image"]

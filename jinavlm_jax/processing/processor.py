@@ -43,6 +43,12 @@ class _Sample:
     loss_mask: np.ndarray | None = None    # bool [n]: labels that are assistant tokens
 
 
+# What a model directory holds for the processor, besides weights and config.json (`Processor.from_dir`
+# reads them; exports and conversions copy them along).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "processor_config.json")
+
+
 class Processor:
     """Official jina-vlm processor in numpy: tokenizer + `ImageProcessor` + chat format + collation.
 
