@@ -121,6 +121,21 @@ def test_dtype_option(tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_orbax_to_hf_takes_the_tokenizer_along(tmp_path):
+    """Tokenizer / processor files beside the Orbax checkpoint (a training export) land in the
+    official directory too; other files do not."""
+    cfg, tensors = tiny_tensors(5)
+    hf_to_orbax(write_source(tmp_path / "src", cfg, tensors), tmp_path / "orbax", progress=False)
+    (tmp_path / "orbax" / "tokenizer.json").write_text('{"model": {}}')
+    (tmp_path / "orbax" / "preprocessor_config.json").write_text("{}")
+    (tmp_path / "orbax" / "notes.txt").write_text("not copied")
+    s = orbax_to_hf(tmp_path / "orbax", tmp_path / "back", progress=False)
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == '{"model": {}}'
+    assert (tmp_path / "back" / "preprocessor_config.json").is_file()
+    assert not (tmp_path / "back" / "notes.txt").exists()
+    assert "copied tokenizer.json, preprocessor_config.json" in s.notes
+
+
 def test_cli(tmp_path, capsys):
     cfg, tensors = tiny_tensors(4)
     src = write_source(tmp_path / "src", cfg, tensors)
