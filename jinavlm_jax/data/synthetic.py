@@ -127,11 +127,15 @@ def _position_region(pos: str, r: float, size: int = SIZE):
             "top": (mid_lo, lo, mid_hi, hi), "bottom": (mid_lo, size - hi, mid_hi, size - lo)}[pos]
 
 
-def make_vqa_example(idx: int, rng: np.random.Generator, languages: Sequence[str], size: int = SIZE):
-    """One (image, question, answer, meta) sample; shape sizes scale with the image `size`."""
+def make_vqa_example(idx: int, rng: np.random.Generator, languages: Sequence[str], size: int = SIZE,
+                     task: str | None = None, lang: str | None = None):
+    """One (image, question, answer, meta) sample; shape sizes scale with the image `size`.
+    `task` / `lang` force the question type / language (the random draws happen either way, so the
+    stream of a corpus does not depend on them)."""
     k = size / SIZE
-    task = TASKS[int(rng.choice(len(TASKS), p=TASK_WEIGHTS))]
-    lang = languages[int(rng.integers(len(languages)))]
+    drawn_task = TASKS[int(rng.choice(len(TASKS), p=TASK_WEIGHTS))]
+    drawn_lang = languages[int(rng.integers(len(languages)))]
+    task, lang = task or drawn_task, lang or drawn_lang
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     words = WORDS[lang]
@@ -229,6 +233,27 @@ def write_synthetic_vqa(out_dir: str | Path, n_train: int = 6000, n_val: int = 3
     return {"vqa_train": n_train, "vqa_validation": n_val, "text_train": len(examples) - n_text_val,
             "text_validation": n_text_val, "majority_answer": top[0],
             "majority_baseline": top[1] / max(n_val, 1)}
+
+
+# The questions `python -m jinavlm_jax` asks the shipped demo model: every type, all four languages.
+SHOWCASE = (("colour", "en"), ("shape", "de"), ("count", "zh"), ("position", "ar"), ("choice", "en"),
+            ("shape", "en"), ("count", "de"), ("colour", "zh"), ("position", "en"), ("colour", "ar"))
+
+
+def write_showcase(out_dir: str | Path, size: int, seed: int = 7) -> list[dict]:
+    """Render the `SHOWCASE` images (PNG) into `out_dir` and write `questions.json` beside them:
+    [{"image", "question", "answer", "task", "lang"}]. A seed stream no corpus uses (held out)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 9])
+    items = []
+    for i, (task, lang) in enumerate(SHOWCASE):
+        image, question, answer, meta = make_vqa_example(i, rng, tuple(WORDS), size, task=task, lang=lang)
+        name = f"{i:02d}_{task}_{lang}.png"
+        image.save(out / name, optimize=True)
+        items.append({"image": name, "question": question, "answer": answer, "task": task, "lang": lang})
+    (out / "questions.json").write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return items
 
 
 def corpus_text(out_dir: str | Path) -> Iterable[str]:

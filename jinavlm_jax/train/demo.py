@@ -118,3 +118,45 @@ def _by_task(cfg: TrainConfig, predictions) -> dict[str, float]:
         if t:
             acc.setdefault(t, []).append(bool(x["correct"]))
     return {t: sum(v) / len(v) for t, v in sorted(acc.items())}
+
+
+# ------------------------------------------------------------------------------ the shipped model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+
+def ship(export_dir: str | Path, dest: str | Path = SHIPPED, say: Callable[[str], None] = print) -> Path:
+    """Package a demo run's export as the model `python -m jinavlm_jax` answers with:
+    `dest/model/` in the official layout (float32 safetensors + config.json + tokenizer and
+    preprocessor configs, `convert.orbax_to_hf`) and `dest/images/` (the showcase images and
+    their questions.json, `data.synthetic.write_showcase`)."""
+    from ..convert import orbax_to_hf
+    from ..data.synthetic import write_showcase
+    from ..processing import PreprocessConfig
+    export_dir, dest = Path(export_dir), Path(dest)
+    summary = orbax_to_hf(export_dir, dest / "model", dtype="float32", overwrite=True, progress=False)
+    size = PreprocessConfig.from_hf(export_dir / "preprocessor_config.json").crop_size
+    items = write_showcase(dest / "images", size)
+    say(f"shipped {summary.parameters:,} params ({summary.bytes / 1e6:.2f} MB) -> {dest / 'model'}; "
+        f"{len(items)} showcase questions -> {dest / 'images'}")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m jinavlm_jax.train.demo",
+                                 description="ship a demo run's export as the model of `python -m jinavlm_jax`")
+    ap.add_argument("command", choices=("ship",))
+    ap.add_argument("export", help="a demo run's export directory (runs/demo/export)")
+    ap.add_argument("--dest", default=str(SHIPPED), help=f"default: the package's {SHIPPED}")
+    args = ap.parse_args(argv)
+    try:
+        ship(args.export, args.dest)
+    except Exception as e:  # noqa: BLE001 - one line on stderr, non-zero exit
+        print(f"python -m jinavlm_jax.train.demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
