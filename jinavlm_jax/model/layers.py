@@ -117,18 +117,21 @@ class RMSNorm(_Norm):
         return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype,
+              kv_cache: bool = False) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
     q [B, Lq, H, hd], k/v [B, Lk, KV, hd], mask [B, Lq, Lk] bool (True = may attend) or None.
     Query head h uses KV head h // (H // KV). q is scaled by hd^-0.5 before QK^T (the official eager
     path, spec 6.4); scores and softmax in float32. A fully masked row gives a uniform softmax
-    (like the official additive finfo.min bias), never NaN.
+    (like the official additive finfo.min bias), never NaN. `kv_cache`: k/v are a decode step's KV
+    cache, read in place by one query (`_attention_one_query`); other single queries (the
+    connector's pooling over 4 keys) take the matmul path, which XLA:CPU runs ~30x faster there.
     """
     b, lq, h, hd = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
-    if lq == 1:
+    if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype).reshape(b, lq, h, hd)
     # Heads-major operands ([B, KV, G, Lq, hd], [B, KV, S, hd]): both einsums are batched matmuls in
     # their canonical layout, so only these small [*, hd] tensors are transposed, never the

@@ -101,7 +101,7 @@ class DecoderLayer(nn.Module):
                              "text.SegmentMask(segment_ids [B, L]), not a dense [B, L, S] mask: pass "
                              "SegmentMask(attention_mask.astype(jnp.int32)) for left-padded prompts, or "
                              "the batch's segment_ids for packed rows")
-        return attention(q, k, v, mask, self.dtype)
+        return attention(q, k, v, mask, self.dtype, kv_cache=cached)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
