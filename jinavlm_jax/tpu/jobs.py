@@ -140,7 +140,7 @@ def train_job(cfg, model_cfg, mesh, batch_per_chip: int | None = None) -> Job:
     n_params = sum(math.prod(a.shape) for a in leaves)
     n_trained = sum(math.prod(a.shape) for a, t in zip(leaves, trained) if t)
     vision_trained = groups.trains("vision")
-    flops = step_model_flops(model_cfg, groups, rows=rows, seq_len=L, crops=T)
+    flops = step_model_flops(model_cfg, groups, rows=rows, seq_len=L, crops=T, loss_positions=cfg.run.loss_positions)
     p_bytes, o_bytes, b_bytes = _nbytes(params), _nbytes(opt_state), _nbytes(plain)
     arithmetic = {
         "params": n_params, "trained_params": n_trained, "param_bytes": p_bytes, "opt_state_bytes": o_bytes,
