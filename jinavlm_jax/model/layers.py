@@ -126,25 +126,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     path, spec 6.4); scores and softmax in float32. A fully masked row gives a uniform softmax
     (like the official additive finfo.min bias), never NaN. `kv_cache`: k/v are a decode step's KV
     cache, read in place by one query (`_attention_one_query`); other single queries (the
-    connector's pooling over 4 keys) take the matmul path, which XLA:CPU runs ~30x faster there.
+    connector's pooling over 4 keys) take the matmul path, which XLA:CPU runs ~7x faster there.
     """
     b, lq, h, hd = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
     if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype).reshape(b, lq, h, hd)
-    # Heads-major operands ([B, KV, G, Lq, hd], [B, KV, S, hd]): both einsums are batched matmuls in
-    # their canonical layout, so only these small [*, hd] tensors are transposed, never the
-    # [B, KV, G, Lq, S] scores (the XLA:CPU step of the demo spent more on those copies than on the
-    # matmuls; docs/performance.md "Training step").
-    q = q.astype(dtype).transpose(0, 2, 3, 1, 4)
-    k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=F32)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dtype), v, preferred_element_type=F32)
-    return o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, hd).astype(dtype)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
+    return o.reshape(b, lq, h, hd).astype(dtype)
 
 
 def _attention_one_query(q, k, v, mask, dtype):
