@@ -102,8 +102,10 @@ def weighted_positions(k: int, h, labels, weights):
 
 def check_loss_positions(weights: np.ndarray, k: int, step: int) -> None:
     """Raise if a row of this (host) batch has more than `k` weighted positions (`run.loss_positions`)."""
+    if not k:  # every position: nothing to check (this runs on the host before every step)
+        return
     most = int((np.asarray(weights) > 0).sum(1).max(initial=0))
-    if k and most > k:
+    if most > k:
         raise TrainConfigError(f"run.loss_positions={k}: a row of the batch for step {step} has {most} weighted "
                                "(answer) positions; raise run.loss_positions or set it to 0 (loss at every position)")
 
