@@ -11,8 +11,9 @@ agreement, top-5 overlap) on random inputs (text + one image crop), for
 * int8 weights with bfloat16 compute against bfloat16 (the issue's comparison),
 * int8 weights with float32 compute against float32, and int8+vision against float32.
 
-`--demo RUN`: the run's exported model answers its held-out questions greedily in float32 and with
-int8 weights: accuracy of each and the share of generated positions where the greedy tokens agree.
+`--demo RUN`: the run's exported model answers its held-out questions greedily in float32, with
+int8 weights, and with int8 weights and an int8 KV cache (`kv_cache_dtype="int8"`): accuracy of each
+and the share of generated positions where its greedy tokens agree with float32's.
 Decoder weight bytes (the per-layer tree without embeddings) are reported for float32 / bf16 / int8.
 """
 from __future__ import annotations
@@ -106,19 +107,24 @@ def demo_accuracy(run: Path, samples: int, max_new: int):
     examples = eval_examples(held, samples)
     config, params = load(run / "export")
     proc = Processor.from_dir(run / "export")
-    reps = {}
-    for q in (None, "int8"):
+    reps, agree = {}, {}
+    for name, q, kv in DEMO_VARIANTS:
         t0 = time.perf_counter()
-        reps[q] = generation_accuracy(config.replace(dtype="float32"), params, proc, examples,
-                                      max_new_tokens=max_new, batch_size=50, quantize=q)
-        log(f"  {q or 'float32'}: accuracy {reps[q].accuracy:.4f} ({time.perf_counter() - t0:.0f} s)")
-    agree = total = 0
-    for a, b in zip(reps[None].predictions, reps["int8"].predictions):
-        ta, tb = proc.tokenizer.encode(a["prediction"]), proc.tokenizer.encode(b["prediction"])
-        n = max(len(ta), len(tb), 1)
-        total += n
-        agree += sum(x == y for x, y in zip(ta, tb))
-    return reps, agree / total
+        reps[name] = generation_accuracy(config.replace(dtype="float32"), params, proc, examples,
+                                         max_new_tokens=max_new, batch_size=50, quantize=q, kv_cache_dtype=kv)
+        log(f"  {name}: accuracy {reps[name].accuracy:.4f} ({time.perf_counter() - t0:.0f} s)")
+        hits = total = 0
+        for a, b in zip(reps[DEMO_VARIANTS[0][0]].predictions, reps[name].predictions):
+            ta, tb = proc.tokenizer.encode(a["prediction"]), proc.tokenizer.encode(b["prediction"])
+            total += max(len(ta), len(tb), 1)
+            hits += sum(x == y for x, y in zip(ta, tb))
+        agree[name] = hits / total
+    return reps, agree
+
+
+# (row name, quantize, kv_cache_dtype) of the --demo comparison; the first is the reference.
+DEMO_VARIANTS = [("float32", None, None), ("int8 weights", "int8", None),
+                 ("int8 weights + int8 KV cache", "int8", "int8")]
 
 
 def fmt_table(rows, header) -> str:
@@ -154,15 +160,15 @@ def main(argv=None) -> int:
             + "\n\nDecoder weights (per-layer tree without the embedding tables): "
             + ", ".join(f"{k.split(' ')[0]} {v / 1e6:.2f} MB" for k, v in sizes.items()) + "\n")
     if args.demo:
-        log("held-out answers (float32, then int8 weights) ...")
+        log("held-out answers (" + ", then ".join(v[0] for v in DEMO_VARIANTS) + ") ...")
         reps, agree = demo_accuracy(Path(args.demo), args.samples, args.max_new_tokens)
-        f, q = reps[None], reps["int8"]
+        f = reps[DEMO_VARIANTS[0][0]]
+        rows = [[name, f"{r.accuracy:.4f}", f"{100 * (r.accuracy - f.accuracy):+.2f}", f"{100 * agree[name]:.2f}%",
+                 str(r.n)] for name, r in reps.items()]
         text += ("\nHeld-out answers of the demo model (greedy, float32 compute): "
-                 + fmt_table([["float32", f"{f.accuracy:.4f}", str(f.n)],
-                              ["int8 weights", f"{q.accuracy:.4f}", str(q.n)]],
-                             ["weights", "accuracy", "questions"]).join(["\n\n", "\n\n"])
-                 + f"Accuracy difference: {100 * (q.accuracy - f.accuracy):+.2f} points; greedy tokens agree on "
-                   f"{100 * agree:.2f}% of generated positions (majority baseline {f.majority_baseline:.4f}).\n")
+                 + fmt_table(rows, ["weights / cache", "accuracy", "points vs float32",
+                                    "greedy tokens agreeing with float32", "questions"]).join(["\n\n", "\n\n"])
+                 + f"Majority baseline {f.majority_baseline:.4f}.\n")
     text += f"\nWall time: {time.perf_counter() - t0:.0f} s (`python3 benchmarks/bench_quantize.py " \
             + " ".join(argv if argv is not None else sys.argv[1:]) + "`)."
     print(text)

@@ -97,10 +97,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def adapt_args(p: argparse.ArgumentParser) -> None:
-    """--quantize and --adapter (generate, chat and serve)."""
+    """--quantize, --kv-cache-dtype and --adapter (generate, chat and serve)."""
     p.add_argument("--quantize", choices=("int8", "int8+vision"),
                    help="int8 weight-only inference (Qwix): decoder kernels int8 with per-channel scales, "
                         "activations in --dtype; int8+vision quantizes the vision tower too")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="the KV cache in --dtype (auto) or int8 with a float32 scale per token (half the "
+                        "bytes of bf16: longer contexts or more slots in the same memory)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (a training run's OUTPUT_DIR/adapter), "
                    "merged into the checkpoint's weights at load time")
 
@@ -117,7 +120,7 @@ class _Session:
         self.processor = _processor(args)
         mesh = mesh_from_spec(args.mesh) if args.mesh else None
         config, params = load_model(args.checkpoint, args.dtype, mesh, args.adapter)
-        self.generator = Generator(config, params, mesh, quantize=args.quantize)
+        self.generator = Generator(config, params, mesh, quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
         del params
         self.sampling = _sampling(args)
 

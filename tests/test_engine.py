@@ -231,3 +231,21 @@ def test_prompt_bucket_longer_than_the_slot(model):
         eng.stop(timeout=0)
     g = generate(config, params, proc([prompt]), max_new_tokens=300 - n, stop_ids=proc.stop_ids)
     assert tokens(out) == g.tokens[0] + ([] if g.stop_tokens[0] is None else [g.stop_tokens[0]])
+
+
+def test_int8_kv_cache_engine_gives_generates_tokens(model):
+    """kv_cache_dtype="int8": the engine quantizes a prefix as it inserts it (per token, so the codes do
+    not depend on where the slot puts it) and decodes over int8 codes; greedy requests with and
+    without images give generate()'s tokens with the same int8 cache."""
+    config, params, proc = model
+    eng = Engine(config, params, proc, max_batch=2, max_model_len=1024, kv_cache_dtype="int8").start(warmup=False)
+    reqs = [dict(r, sampling=Sampling()) for r in requests(proc)[1:4]]  # 1, 1 and 2 images
+    assert [len(r["images"]) for r in reqs] == [1, 1, 2]
+    try:
+        got = run_all(eng, reqs)
+    finally:
+        eng.stop(timeout=0)
+    for r, out in zip(reqs, got):
+        g = generate(config, params, proc([r["prompt"]], [r["images"]]), max_new_tokens=r["max_tokens"],
+                     stop_ids=proc.stop_ids, kv_cache_dtype="int8")
+        assert tokens(out) == g.tokens[0] + ([] if g.stop_tokens[0] is None else [g.stop_tokens[0]])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jinavlm_jax import JinaVLM, JinaVLMConfig, init_params
@@ -71,3 +72,35 @@ def test_greedy_generate_equals_argmax_over_the_full_forward():
     logits = [full_forward(config)(params, ids, im, batch["image_masks"], batch["image_input_idx"], ids != -1)
               for im in (batch["images"], -batch["images"])]
     assert not np.allclose(logits[0][:, -1], logits[1][:, -1], atol=1e-4)
+
+
+def test_int8_kv_cache_reads_codes_and_scales_exactly_and_decodes_like_float():
+    """kv_cache_dtype="int8" (model.layers.QuantizedKV): per-token absmax quantization within half a
+    step; the decode attention over codes and scales equals (1e-5, float32) the plain attention over
+    the dequantized cache; greedy generation agrees with the float cache (the first token is
+    identical: the prompt attends over its float K/V)."""
+    from jinavlm_jax.model.layers import QuantizedKV, attention, dequantize_kv, quantize_kv
+    kq, kk, kv_ = jax.random.split(jax.random.key(0), 3)
+    x = (jax.random.normal(kk, (2, 9, 2, 16)) * 3).at[:, 4].set(0.0)
+    q = quantize_kv(x)
+    assert q.codes.dtype == np.int8 and q.scale.shape == (2, 9) and q.shape == x.shape
+    err = np.abs(np.asarray(dequantize_kv(q) - x))
+    assert np.all(err <= np.asarray(q.scale)[:, :, None, None] / 2 + 1e-6)
+    assert np.all(np.asarray(dequantize_kv(q))[:, 4] == 0)  # an all-zero token stays exact
+    v = quantize_kv(jax.random.normal(kv_, (2, 9, 2, 16)))
+    query = jax.random.normal(kq, (2, 1, 4, 16))
+    mask = np.ones((2, 1, 9), bool)
+    mask[1, 0, :3] = False
+    got = attention(query, q, v, mask, jnp.float32, kv_cache=True)
+    want = attention(query, dequantize_kv(q), dequantize_kv(v), mask, jnp.float32, kv_cache=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert isinstance(q, QuantizedKV)
+
+    config = JinaVLMConfig.tiny()
+    params = init_params(config, 3)
+    batch = tiny_batch(config)
+    ref = generate(config, params, batch, max_new_tokens=12)
+    out = generate(config, params, batch, max_new_tokens=12, kv_cache_dtype="int8")
+    assert [t[0] for t in out.tokens] == [t[0] for t in ref.tokens]
+    agree = np.mean(np.array(out.tokens) == np.array(ref.tokens))
+    assert agree >= 0.9, (ref.tokens, out.tokens)

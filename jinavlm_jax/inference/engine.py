@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model import JinaVLMConfig, merge_image_features
-from ..model.layers import constrain, dtype_of
+from ..model.layers import QuantizedKV, constrain, dtype_of, quantize_kv
 from .buckets import crop_bucket, prompt_bucket, prompt_buckets
 from .params import InferenceParams, prepare_params
 from .placement import mesh_context, put
-from .programs import CACHE_AXES, decode_step, model_for, prompt_forward
+from .programs import CACHE_AXES, constrain_cache, decode_step, model_for, parse_kv_cache_dtype, prompt_forward
 from .sampling import GenerateError, Sampling, row_keys, sample
 
 STATE_AXES = ("cache_batch",)
@@ -86,7 +86,7 @@ class Prefix(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything the decode slots hold on the device, one row per slot.
 
-    caches: one (k, v) [slots, S, KV, hd] per layer; kv_valid [slots, S]; lengths: tokens in the cache
+    caches: one (k, v) [slots, S, KV, hd] (or int8 QuantizedKV) per layer; kv_valid [slots, S]; lengths: tokens in the cache
     (= the slot and the position of the next token fed); tokens: the token fed next; steps: the
     sampling step of that token's successor; seeds, temperature, top_k, top_p: the request's sampling.
     """
@@ -114,10 +114,16 @@ def _sds(shape, dtype, axes, mesh):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def abstract_state(config: JinaVLMConfig, slots: int, cache_length: int, mesh=None) -> DecodeState:
-    """The DecodeState's shapes, dtypes and (with a mesh) shardings: K/V in the compute dtype."""
+def abstract_state(config: JinaVLMConfig, slots: int, cache_length: int, mesh=None,
+                   kv_cache_dtype: str | None = None) -> DecodeState:
+    """The DecodeState's shapes, dtypes and (with a mesh) shardings: K/V in the compute dtype, or with
+    kv_cache_dtype "int8" as QuantizedKV (int8 codes, a float32 scale per slot and position)."""
     t = config.text
-    cache = lambda: _sds((slots, cache_length, t.n_kv_heads, t.head_dim), dtype_of(config.dtype), CACHE_AXES, mesh)
+    shape = (slots, cache_length, t.n_kv_heads, t.head_dim)
+    if kv_cache_dtype == "int8":
+        cache = lambda: QuantizedKV(_sds(shape, jnp.int8, CACHE_AXES, mesh), _sds(shape[:2], jnp.float32, CACHE_AXES[:2], mesh))
+    else:
+        cache = lambda: _sds(shape, dtype_of(config.dtype), CACHE_AXES, mesh)
     vec = lambda dt: _sds((slots,), dt, STATE_AXES, mesh)
     return DecodeState(tuple((cache(), cache()) for _ in range(t.n_layers)),
                        _sds((slots, cache_length), jnp.bool_, STATE_AXES + (None,), mesh), vec(jnp.int32),
@@ -154,7 +160,7 @@ def constrain_state(state: DecodeState) -> DecodeState:
     """The state's layout on a mesh (slots over data x fsdp, KV heads over tensor), so that every
     program returns it exactly as the next one takes it (no-op without a mesh)."""
     vec = lambda a: constrain(a, STATE_AXES)
-    return DecodeState(tuple((constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)) for k, v in state.caches),
+    return DecodeState(tuple((constrain_cache(k), constrain_cache(v)) for k, v in state.caches),
                        constrain(state.kv_valid, STATE_AXES + (None,)), *(vec(a) for a in state[2:]))
 
 
@@ -182,9 +188,11 @@ def insert(prefix: Prefix, state: DecodeState, slot, seed, temperature, top_k, t
     shift = lp - n  # the prompt is left padded: roll its tokens to the front of the slot
 
     def place(cache, new):
+        if isinstance(cache, QuantizedKV):  # an int8 cache: quantize the prompt's K/V, place codes and scales
+            return QuantizedKV(*map(place, cache, quantize_kv(new)))
         # The prompt bucket may be longer than the slot: its real tokens (n <= S) are at the front now.
         rolled = jnp.roll(new[0], -shift, axis=0)[:s].astype(cache.dtype)
-        return jax.lax.dynamic_update_slice(cache, rolled[None], (slot, 0, 0, 0))
+        return jax.lax.dynamic_update_slice(cache, rolled[None], (slot,) + (0,) * (cache.ndim - 1))
 
     caches = tuple((place(ck, k), place(cv, v)) for (ck, cv), (k, v) in zip(state.caches, prefix.caches))
     at = lambda a, v: a.at[slot].set(v)
@@ -327,12 +335,13 @@ class Engine:
         steps_per_call: tokens each slot advances per `generate` call (fewer host round trips;
         a request that stops mid-call discards the rest). mesh: a `sharding.make_mesh` mesh (slots
         split over data x fsdp, heads over tensor). quantize: "int8" serves int8 decoder weights
-        (`adapt.quant`; see `Generator`).
+        (`adapt.quant`; see `Generator`). kv_cache_dtype: "int8" keeps the slots' KV cache in int8
+        (half the bytes of bf16; see `Generator`).
     """
 
     def __init__(self, config: JinaVLMConfig, params, processor, *, max_batch: int = 8, max_model_len: int = 4096,
                  max_images: int = 8, max_queue: int = 256, vision_cache: int = 64, steps_per_call: int = 1,
-                 mesh=None, stop_ids: Sequence[int] | None = None, quantize=None):
+                 mesh=None, stop_ids: Sequence[int] | None = None, quantize=None, kv_cache_dtype=None):
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch ({max_batch}) and steps_per_call ({steps_per_call}) must be >= 1")
         limit = config.text.max_sequence_length
@@ -340,6 +349,7 @@ class Engine:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context)")
         self.config, self.processor, self.mesh = config, processor, mesh
         self.params = prepare_params(config, params, mesh, quantize)
+        self.kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.max_batch, self.max_model_len = int(max_batch), int(max_model_len)
         self.cache_length = cache_slots(self.max_model_len)
         self.max_images, self.max_queue, self.steps_per_call = int(max_images), int(max_queue), int(steps_per_call)
@@ -379,7 +389,7 @@ class Engine:
             self.params, *prefill_shapes(self.config, length, self.mesh)).compile())
 
     def _insert_prog(self, length: int):
-        state = abstract_state(self.config, self.max_batch, self.cache_length, self.mesh)
+        state = self._abstract_state()
         return self._program(("insert", length), lambda: jax.jit(insert, donate_argnums=1).lower(
             *insert_shapes(self.config, self.params, length, state, self.mesh)).compile())
 
@@ -387,7 +397,7 @@ class Engine:
         def build():
             fn = jax.jit(partial(generate, self.config, self.steps_per_call, filtered), donate_argnums=1)
             active = _sds((self.max_batch,), jnp.bool_, STATE_AXES, self.mesh)
-            return fn.lower(self.params, abstract_state(self.config, self.max_batch, self.cache_length, self.mesh),
+            return fn.lower(self.params, self._abstract_state(),
                             active).compile()
         return self._program(("generate", filtered), build)
 
@@ -395,7 +405,10 @@ class Engine:
         def zeros(a):
             z = np.zeros(a.shape, a.dtype)
             return jax.device_put(z, a.sharding) if a.sharding is not None else jnp.asarray(z)
-        return jax.tree_util.tree_map(zeros, abstract_state(self.config, self.max_batch, self.cache_length, self.mesh))
+        return jax.tree_util.tree_map(zeros, self._abstract_state())
+
+    def _abstract_state(self) -> DecodeState:
+        return abstract_state(self.config, self.max_batch, self.cache_length, self.mesh, self.kv_cache_dtype)
 
     def crop_buckets(self) -> list[int]:
         """Crop-count buckets one image can need (thumbnail + up to max_crops tiles)."""

@@ -24,7 +24,7 @@ from ..model import JinaVLMConfig, check_inputs
 from .buckets import CROP_MULTIPLE, cache_bucket, crop_bucket, prompt_bucket
 from .params import prepare_params
 from .placement import batch_shards, mesh_context, put
-from .programs import STREAM_LOCK, decode_loop_jit, prefill_jit, set_stream_sink
+from .programs import STREAM_LOCK, decode_loop_jit, parse_kv_cache_dtype, prefill_jit, set_stream_sink
 from .sampling import GenerateError, Sampling, sampling_arrays
 
 MAX_STOP_IDS = 16
@@ -133,12 +133,15 @@ class Generator:
     and bucket shapes, so creating several is cheap after the first compile.
     """
 
-    def __init__(self, config: JinaVLMConfig, params, mesh=None, *, quantize=None):
+    def __init__(self, config: JinaVLMConfig, params, mesh=None, *, quantize=None, kv_cache_dtype=None):
         """quantize: None (the params as they are), "int8" (decoder kernels int8 with per-channel scales,
-        activations in the compute dtype; `adapt.quant`) or "int8+vision"."""
+        activations in the compute dtype; `adapt.quant`) or "int8+vision". kv_cache_dtype: None / "auto"
+        (the KV cache in the compute dtype) or "int8" (int8 codes with a float32 scale per token:
+        half a bf16 cache's bytes; `model.layers.QuantizedKV`)."""
         self.config = config
         self.mesh = mesh
         self.params = prepare_params(config, params, mesh, quantize)
+        self.kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
 
     # -------------------------------------------------------------------------------- generate
     def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, sampling: Sampling | None = None,
@@ -190,7 +193,8 @@ class Generator:
         with mesh_context(self.mesh):
             inputs = [None if p[k] is None else put(p[k], self.mesh, batch_axes(p[k]))
                       for k in ("input_ids", "attention_mask", "images", "image_masks", "image_input_idx")]
-            logits0, caches, kv_valid, last_pos = prefill_jit(cfg, cache_length, self.params, *inputs)
+            logits0, caches, kv_valid, last_pos = prefill_jit(cfg, cache_length, self.params, *inputs,
+                                                                   kv_cache_dtype=self.kv_cache_dtype)
             seeds = put(_row_seeds(seed, n, rows), self.mesh, ("act_batch",))
             done0 = put(np.arange(rows) >= n, self.mesh, ("act_batch",))  # padding rows never hold the loop open
             temperature, top_k, top_p = (put(a, self.mesh, ("act_batch",)) for a in sampling_arrays(sampling, rows))
@@ -225,7 +229,8 @@ def _collect(out: np.ndarray, steps: int, stop_ids, tokenizer, prompt_lengths) -
 def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              sampling: Sampling | None = None, seed: int | Sequence[int] = 0, stop_ids: Sequence[int] = (),
              mesh=None, tokenizer=None, on_token: Callable[[int, np.ndarray], None] | None = None,
-             cache_length: int | None = None, crop_multiple: int = CROP_MULTIPLE, quantize=None) -> Generation:
+             cache_length: int | None = None, crop_multiple: int = CROP_MULTIPLE, quantize=None,
+             kv_cache_dtype=None) -> Generation:
     """Generate continuations for a batch of processor outputs.
 
     batch: `input_ids` [B, L] (-1 = padding; left, right or mixed padding is re-aligned to the left),
@@ -241,10 +246,10 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
 
     params: the model's param tree (it is re-laid out for decoding on every call; build a `Generator`
     once to serve many requests) or `InferenceParams`. quantize: "int8" runs the decoder with int8
-    weights (see `Generator`).
+    weights; kv_cache_dtype: "int8" keeps the KV cache in int8 (see `Generator`).
     Raises GenerateError / InputError (ValueError) naming the problem.
     """
-    return Generator(config, params, mesh, quantize=quantize).generate(
+    return Generator(config, params, mesh, quantize=quantize, kv_cache_dtype=kv_cache_dtype).generate(
         batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
         tokenizer=tokenizer, on_token=on_token, cache_length=cache_length, crop_multiple=crop_multiple)
 

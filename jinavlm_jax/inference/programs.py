@@ -22,11 +22,31 @@ import numpy as np
 from jax.experimental import io_callback
 
 from ..model import JinaVLM, JinaVLMConfig, positions_from_mask, prompt_mask
-from ..model.layers import constrain
+from ..model.layers import constrain, quantize_kv
 from .params import InferenceParams, inference_config
-from .sampling import row_keys, sample
+from .sampling import GenerateError, row_keys, sample
 
 CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", None)
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def parse_kv_cache_dtype(value) -> str | None:
+    """None / "auto" (the cache in the compute dtype) -> None; "int8" (`model.layers.QuantizedKV`) -> "int8"."""
+    if value is None or str(value).lower() == "auto":
+        return None
+    if str(value).lower() == "int8":
+        return "int8"
+    raise GenerateError(f"kv_cache_dtype: {value!r} is not supported (choose from {list(KV_CACHE_DTYPES)})")
+
+
+def constrain_cache(buffer):
+    """A cache buffer (array or QuantizedKV: codes [B, S, KV, hd], scale [B, S]) on its mesh layout."""
+    return jax.tree_util.tree_map(lambda a: constrain(a, CACHE_AXES[:a.ndim]), buffer)
+
+
+def cache_buffer(kv: jax.Array, kv_cache_dtype: str | None):
+    """K or V [B, S, KV, hd] as a cache buffer of `kv_cache_dtype` (None: as it is; "int8": QuantizedKV)."""
+    return constrain_cache(quantize_kv(kv) if kv_cache_dtype == "int8" else kv)
 
 
 def model_for(config: JinaVLMConfig, quant=None) -> JinaVLM:
@@ -51,31 +71,32 @@ def prompt_forward(config: JinaVLMConfig, params: InferenceParams, x, attention_
 
 def decode_step(config: JinaVLMConfig, params: InferenceParams, tokens, positions, caches, kv_valid, slot):
     """One token per row: tokens [B] (negative = none, reads row 0), positions [B], caches one (k, v)
-    [B, S, KV, hd] per layer, kv_valid [B, S] (the slot being written already marked), slot an int or
+    [B, S, KV, hd] (or QuantizedKV) per layer, kv_valid [B, S] (the slot being written already marked), slot an int or
     [B]. Returns (logits [B, V] float32, updated caches)."""
     model, v = model_for(config, params.quant), {"params": params.tree}
     x = model.apply(v, jnp.maximum(tokens, 0)[:, None], method="embed_tokens")
     h, caches = model.apply(v, x, positions[:, None], kv_valid[:, None, :], slot, caches,
                             method="decode_hidden")
-    caches = tuple((constrain(k, CACHE_AXES), constrain(c, CACHE_AXES)) for k, c in caches)
+    caches = tuple((constrain_cache(k), constrain_cache(c)) for k, c in caches)
     return model.apply(v, h, method="logits_from_hidden")[:, 0], caches
 
 
 def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, input_ids, attention_mask,
-            images, image_masks, image_input_idx):
+            images, image_masks, image_input_idx, kv_cache_dtype: str | None = None):
     """Prompt [B, L] (left padded) with its images -> (last-position logits [B, V], caches of
-    `cache_length` slots, kv_valid [B, S], last positions [B])."""
+    `cache_length` slots, kv_valid [B, S], last positions [B]). kv_cache_dtype "int8": the caches are
+    QuantizedKV (the prompt itself attends over its float K/V)."""
     x = model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
                                               image_input_idx, method="embed_inputs")
     logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
     pad = ((0, 0), (0, cache_length - input_ids.shape[1]), (0, 0), (0, 0))
-    caches = tuple((constrain(jnp.pad(k, pad), CACHE_AXES), constrain(jnp.pad(v, pad), CACHE_AXES))
+    caches = tuple((cache_buffer(jnp.pad(k, pad), kv_cache_dtype), cache_buffer(jnp.pad(v, pad), kv_cache_dtype))
                    for k, v in kvs)
     kv_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, cache_length - input_ids.shape[1])))
     return logits, caches, kv_valid, positions[:, -1]
 
 
-prefill_jit = jax.jit(prefill, static_argnums=(0, 1))
+prefill_jit = jax.jit(prefill, static_argnums=(0, 1), static_argnames=("kv_cache_dtype",))
 
 
 def full_logits(config: JinaVLMConfig, params: InferenceParams, input_ids, images=None, image_masks=None,

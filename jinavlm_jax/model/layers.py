@@ -7,7 +7,7 @@ with float32 params), and logits are float32: with bf16 compute only the matmul 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
     if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype).reshape(b, lq, h, hd)
+    k, v = dequantize_kv(k), dequantize_kv(v)
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
@@ -147,12 +148,52 @@ def _attention_one_query(q, k, v, mask, dtype):
     transpose the whole K and V caches on every step (two copies of the cache per layer), which
     costs more than the attention itself. Same products and float32 sums as the einsum path."""
     q = q[:, 0].astype(dtype).astype(F32)  # [B, KV, G, hd]
-    s = jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)  # [B, S, KV, G]
+    if isinstance(k, QuantizedKV):  # int8 codes read as they are, the slot's scale applied to the sums
+        s = jnp.sum(q[:, None] * k.codes.astype(F32)[:, :, :, None, :], axis=-1) * k.scale[:, :, None, None]
+    else:
+        s = jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)  # [B, S, KV, G]
     if mask is not None:
         s = jnp.where(mask[:, 0, :, None, None], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=1).astype(dtype).astype(F32)
-    o = jnp.sum(p[..., None] * v.astype(dtype).astype(F32)[:, :, :, None, :], axis=1)  # [B, KV, G, hd]
+    p = jax.nn.softmax(s, axis=1)
+    if isinstance(v, QuantizedKV):
+        p, v = p * v.scale[:, :, None, None], v.codes.astype(F32)
+    else:
+        p, v = p.astype(dtype).astype(F32), v.astype(dtype).astype(F32)
+    o = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)  # [B, KV, G, hd]
     return o[:, None].astype(dtype)
+
+
+class QuantizedKV(NamedTuple):
+    """An int8 KV cache buffer (`kv_cache_dtype="int8"`): `codes` [B, S, KV, hd] int8 and one float32
+    `scale` [B, S] per cached token, symmetric over all its KV heads and head_dim (MaxText's default
+    `heads_and_dkv` axis). A per-token scale keeps the scales' layout dense on TPU, where a trailing
+    KV-heads axis of a few elements would be padded to 128 lanes. Half the bytes of a bf16 cache
+    (+ 4 bytes per token and layer); the decode attention reads the codes in place and applies the
+    scale to the score and probability sums (`_attention_one_query`)."""
+
+    codes: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+
+def quantize_kv(x: jax.Array) -> QuantizedKV:
+    """K or V [B, L, KV, hd] -> QuantizedKV: scale = absmax over (KV, hd) / 127 per token (1 where the
+    token is all zeros), codes = round(x / scale). Error at most scale / 2 per element."""
+    x32 = x.astype(F32)
+    amax = jnp.max(jnp.abs(x32), axis=(2, 3))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    codes = jnp.clip(jnp.round(x32 / scale[:, :, None, None]), -127, 127).astype(jnp.int8)
+    return QuantizedKV(codes, scale)
+
+
+def dequantize_kv(x) -> jax.Array:
+    """A QuantizedKV as float32 values (anything else unchanged)."""
+    if isinstance(x, QuantizedKV):
+        return x.codes.astype(F32) * x.scale[:, :, None, None]
+    return x
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

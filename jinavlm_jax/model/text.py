@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import TextConfig
-from .layers import Dense, Dtype, RMSNorm, attention, constrain, remat_layer, rope, stack_layers
+from .layers import (Dense, Dtype, QuantizedKV, RMSNorm, attention, constrain, quantize_kv, remat_layer, rope,
+                     stack_layers)
 
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -105,12 +106,14 @@ class DecoderLayer(nn.Module):
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-    """new [B, L, KV, hd] written into cache [B, S, KV, hd] at slot `index`: one int for every row
+    """new [B, L, KV, hd] written into cache [B, S, KV, hd] (or an int8 `QuantizedKV`) at slot `index`: one int for every row
     (generate's batch, whose rows share one length), or an int array [B] with one slot per row (the
     serving engine's decode slots, each at its own length; slots past S are dropped)."""
+    if isinstance(cache, QuantizedKV):  # an int8 cache: the new tokens quantized, codes and scales written
+        return QuantizedKV(*(write_cache(c, n, index) for c, n in zip(cache, quantize_kv(new))))
     new = new.astype(cache.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+        return jax.lax.dynamic_update_slice(cache, new, (0, index) + (0,) * (cache.ndim - 2))
     rows = jnp.arange(cache.shape[0])[:, None]
     cols = jnp.asarray(index)[:, None] + jnp.arange(new.shape[1])[None, :]
     return cache.at[rows, cols].set(new, mode="drop")

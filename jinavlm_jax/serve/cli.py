@@ -84,7 +84,8 @@ def _serve(args: argparse.Namespace, say) -> int:
     config, params = load_model(args.checkpoint, args.dtype, mesh, args.adapter)
     engine = Engine(config, params, _processor(args), max_batch=args.max_batch, max_model_len=args.max_model_len,
                     max_images=args.max_images, max_queue=args.max_queue, vision_cache=args.vision_cache,
-                    steps_per_call=args.steps_per_call, mesh=mesh, quantize=args.quantize)
+                    steps_per_call=args.steps_per_call, mesh=mesh, quantize=args.quantize,
+                    kv_cache_dtype=args.kv_cache_dtype)
     del params
     engine.start(warmup=not args.no_warmup, say=say)
     name = args.served_model_name or Path(args.checkpoint).resolve().name

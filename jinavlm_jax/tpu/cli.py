@@ -34,12 +34,15 @@ def plan(args) -> tuple:
     mesh = build_mesh(devices, sizes, args.num_slices)
     cfg, model_cfg = load_recipe(args.config, args.overrides)
     if args.job == "train":
+        if args.kv_cache_dtype != "auto":
+            raise AOTError("--kv-cache-dtype applies to prefill / decode / serve (a train step has no KV cache)")
         if args.quantize:
             raise AOTError("--quantize applies to prefill / decode / serve; for a QLoRA train step set lora.rank and "
                            "lora.base_dtype=int8 in the recipe")
         job = train_job(cfg, model_cfg, mesh, args.batch_per_chip)
     elif args.job == "serve":
-        job = serve_jobs(model_cfg, mesh, args.max_batch, args.max_model_len, args.crops, args.quantize)
+        job = serve_jobs(model_cfg, mesh, args.max_batch, args.max_model_len, args.crops, args.quantize,
+                         args.kv_cache_dtype)
     else:
         from ..inference import cache_bucket, prompt_bucket
         crops = args.crops
@@ -50,7 +53,7 @@ def plan(args) -> tuple:
         if rows % shards:
             raise AOTError(f"--batch {rows} is not a multiple of the mesh's batch shards (data x fsdp = {shards})")
         make = prefill_job if args.job == "prefill" else decode_job
-        job = make(model_cfg, mesh, rows, prompt_len, crops, cache_len, args.quantize)
+        job = make(model_cfg, mesh, rows, prompt_len, crops, cache_len, args.quantize, args.kv_cache_dtype)
     return job, mesh, chip, model_cfg
 
 
@@ -119,6 +122,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096, help="serve: tokens per slot (default 4096)")
     p.add_argument("--quantize", choices=("int8", "int8+vision"), help="prefill/decode/serve: int8 weight-only "
                    "decoder (Qwix, `adapt.quant`; +vision: the vision tower too); train: use a recipe's lora: section")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="prefill/decode/serve: the KV cache in the compute dtype (auto) or int8 with a float32 "
+                        "scale per token (half of bf16)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
     p.add_argument("--allow-oversize", action="store_true", help="report a program that exceeds HBM instead of failing")
 

@@ -182,22 +182,29 @@ def _inference_params(model_cfg, mesh, quantize=None):
     return InferenceParams(_with_shardings(params.tree, inference_shardings(model_cfg, mesh, quant)), quant)
 
 
-def _weights(params) -> dict:
-    return {"weights": params.quant.name} if params.quant is not None else {}
+def _weights(params, kv_cache_dtype=None) -> dict:
+    """The static figures naming quantized weights and an int8 KV cache (nothing for bf16)."""
+    return ({"weights": params.quant.name} if params.quant is not None else {}) | (
+        {"kv_cache": kv_cache_dtype} if kv_cache_dtype else {})
 
 
-def prefill_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None) -> Job:
+def prefill_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None,
+                kv_cache_dtype=None) -> Job:
     """The real prefill (`inference.programs.prefill`): ViT on every crop, connector, all decoder layers, cache."""
     from ..inference import programs
+    kv_cache_dtype = programs.parse_kv_cache_dtype(kv_cache_dtype)
     params = _inference_params(model_cfg, mesh, quantize)
-    args = (model_cfg, cache_len, params) + _inference_inputs(model_cfg, mesh, rows, prompt_len, crops)
+    args = ((model_cfg, cache_len, params) + _inference_inputs(model_cfg, mesh, rows, prompt_len, crops)
+            + (kv_cache_dtype,))
     flops = model_flops(model_cfg, rows=rows, seq_len=prompt_len, crops=crops, train=False, logit_positions=1)
     arithmetic = {"param_bytes": _nbytes(params), "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"]}
-    static = {"rows": rows, "prompt_len": prompt_len, "crops": crops, "cache_len": cache_len, **_weights(params)}
+    static = {"rows": rows, "prompt_len": prompt_len, "crops": crops, "cache_len": cache_len,
+              **_weights(params, kv_cache_dtype)}
     return Job("prefill", programs.prefill_jit, args, static, flops["total"], "prefill", rows * prompt_len, arithmetic)
 
 
-def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None) -> Job:
+def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_len: int, quantize=None,
+               kv_cache_dtype=None) -> Job:
     """The real decode loop (`inference.programs.decode_loop`, greedy) over a full KV cache; one loop
     body = one token."""
     import jax
@@ -205,12 +212,13 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
     from ..inference import programs
     from ..inference.generator import MAX_STOP_IDS
     from ..sharding import named
+    kv_cache_dtype = programs.parse_kv_cache_dtype(kv_cache_dtype)
     params = _inference_params(model_cfg, mesh, quantize)
-    pre = jax.eval_shape(lambda *a: programs.prefill(model_cfg, cache_len, *a),
+    pre = jax.eval_shape(lambda *a: programs.prefill(model_cfg, cache_len, *a, kv_cache_dtype=kv_cache_dtype),
                          params, *_inference_inputs(model_cfg, mesh, rows, prompt_len, crops))
     logits0, caches, kv_valid, last_pos = pre
     act = lambda nd: named(mesh, ("act_batch",) + (None,) * (nd - 1))
-    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, named(mesh, programs.CACHE_AXES, shape=a.shape)),
+    caches = jax.tree_util.tree_map(lambda a: _sds(a.shape, a.dtype, named(mesh, programs.CACHE_AXES[:a.ndim], shape=a.shape)),
                                     caches)
     args = (model_cfg, prompt_len, False, False, params, caches,
             _sds(kv_valid.shape, kv_valid.dtype, act(2)), _sds(logits0.shape, logits0.dtype, act(2)),
@@ -224,7 +232,8 @@ def decode_job(model_cfg, mesh, rows: int, prompt_len: int, crops: int, cache_le
     arithmetic = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(caches),
                   "tensor": mesh.shape["tensor"], "fsdp": mesh.shape["fsdp"],
                   "bytes_per_step": _shard_bytes((params.tree["text"], caches))}
-    static = {"rows": rows, "prompt_len": prompt_len, "cache_len": cache_len, "sampling": "greedy", **_weights(params)}
+    static = {"rows": rows, "prompt_len": prompt_len, "cache_len": cache_len, "sampling": "greedy",
+              **_weights(params, kv_cache_dtype)}
     return Job("decode", programs.decode_loop_jit, args, static, float(f), "decode step", rows, arithmetic)
 
 
@@ -362,7 +371,8 @@ def _sharding_summary(shardings, limit: int = 400) -> dict:
     return out
 
 
-def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int, quantize=None) -> list[Job]:
+def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int, quantize=None,
+               kv_cache_dtype=None) -> list[Job]:
     """The serving engine's programs (`inference.engine`) for `max_batch` decode slots whose KV cache
     holds `cache_slots(max_model_len)` positions: `encode` (one image of `crops` crops), `prefill`
     and `insert` at the longest prompt bucket, and `generate` (every slot one token). A server keeps
@@ -373,10 +383,13 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int, 
 
     from ..inference import engine, prompt_bucket
     from ..sharding import named
+    from ..inference.programs import parse_kv_cache_dtype
+    kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
     params = _inference_params(model_cfg, mesh, quantize)
     length, slots = prompt_bucket(max_model_len), engine.cache_slots(max_model_len)
-    state = engine.abstract_state(model_cfg, max_batch, slots, mesh)
-    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots, **_weights(params)}
+    state = engine.abstract_state(model_cfg, max_batch, slots, mesh, kv_cache_dtype)
+    static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots,
+              **_weights(params, kv_cache_dtype)}
     # What a server holds per chip all the time: every param (a program's argument bytes leave out
     # params it does not read, e.g. generate the vision tower) and the whole decode state.
     base = {"param_bytes": _nbytes(params), "kv_cache_bytes": _nbytes(state.caches), "tensor": mesh.shape["tensor"],

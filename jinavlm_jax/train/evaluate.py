@@ -100,11 +100,12 @@ def majority(references: Sequence[str]) -> tuple[str, float]:
 
 
 def generation_accuracy(model_cfg, params, processor, examples: Sequence[dict], *, max_new_tokens: int = 16,
-                        batch_size: int = 16, metric: str = "auto", mesh=None, quantize=None) -> GenerationReport:
-    """Answer `examples` (from `data.pipeline.eval_examples`) greedily and score them (`quantize`: see
-    `Generator`)."""
+                        batch_size: int = 16, metric: str = "auto", mesh=None, quantize=None,
+                        kv_cache_dtype=None) -> GenerationReport:
+    """Answer `examples` (from `data.pipeline.eval_examples`) greedily and score them (`quantize`,
+    `kv_cache_dtype`: see `Generator`)."""
     from ..generate import Generator
-    gen = Generator(model_cfg, params, mesh, quantize=quantize)
+    gen = Generator(model_cfg, params, mesh, quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     preds: list[dict] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
