@@ -167,9 +167,12 @@ def render_report(results: dict[str, dict], compile_time: str = "") -> str:
     out += ["XLA attention materialises the [heads, L, L] scores of a layer (1 GiB in float32 at L = 4096): "
             "`none` and `dots_saveable` keep them for all 28 layers, which is what does not fit. The splash "
             "kernel never materialises them (rows with attention `splash`, where compiled).", ""]
+    dec = results.get("decode-v5e-2x2-tp4", {}).get("static", {})
     out += ["## Inference: a batch of 32 one-image prompts on v5e:2x2, tensor parallel", "",
-            f"The model section of `{RECIPE}` with bf16 params (`model.param_dtype=bfloat16`) and KV cache; prompt bucket 2048 (one 12-tile image = 1,744 tokens + text), 13 crops per "
-            "prompt, KV cache 4096 slots (prompt + 256 new tokens, next power of two). Prefill: one call. Decode: "
+            f"The model section of `{RECIPE}` with bf16 params (`model.param_dtype=bfloat16`) and KV cache; prompt "
+            f"bucket {dec.get('prompt_len', 2048)} (one 12-tile image = 1,744 tokens + text), 13 crops per prompt, KV "
+            f"cache {dec.get('cache_len', '?')} slots (prompt + 256 new tokens, `inference.cache_bucket`: the smaller "
+            "of the next power of two and the next multiple of 128). Prefill: one call. Decode: "
             "the `lax.while_loop` program; its FLOPs and bytes are one loop body = one token for all 32 rows.", ""]
     out += table(sec("infer")) + [""]
     out += _serving(results)
@@ -245,7 +248,8 @@ def _adapt(results: dict) -> list[str]:
         b = results.get("decode-v5e-2x2-tp4")
         wa = d["memory"]["argument"] - kv
         wb = b["memory"]["argument"] - kv if b and "error" not in b else None
-        out += ["", f"The decode program's arguments are the params it reads and the bf16 KV cache of 32 x 4096 slots "
+        out += ["", f"The decode program's arguments are the params it reads and the bf16 KV cache of 32 x "
+                f"{d['static']['cache_len']} slots "
                 f"({G(kv):.2f} GiB per chip), which int8 weights do not shrink. Without the cache: "
                 + (f"{G(wa):.2f} GiB (int8) against {G(wb):.2f} GiB (bf16) per chip, {wa / wb:.2f}x; " if wb else "")
                 + "the embedding tables (a gather, not a matmul) stay bf16."]

@@ -104,3 +104,14 @@ def test_int8_kv_cache_reads_codes_and_scales_exactly_and_decodes_like_float():
     assert [t[0] for t in out.tokens] == [t[0] for t in ref.tokens]
     agree = np.mean(np.array(out.tokens) == np.array(ref.tokens))
     assert agree >= 0.9, (ref.tokens, out.tokens)
+
+
+def test_buckets_bound_the_padding():
+    """Prompt buckets: powers of two up to 1024, then multiples of 256; caches: the smaller of the next
+    power of two and the next multiple of 128 (a decode step reads the whole cache)."""
+    from jinavlm_jax.inference import cache_bucket, prompt_bucket
+    assert [prompt_bucket(n) for n in (1, 33, 1000, 1024, 1025, 1777, 4000)] == [32, 64, 1024, 1024, 1280, 1792, 4096]
+    assert [cache_bucket(n) for n in (1, 60, 100, 130, 520, 1100, 2304)] == [1, 64, 128, 256, 640, 1152, 2304]
+    for n in range(1, 6000, 37):
+        assert n <= cache_bucket(n) < n + 128 or cache_bucket(n) < 2 * n
+        assert n <= prompt_bucket(n) and (prompt_bucket(n) < n + 256 or prompt_bucket(n) <= max(2 * n, 32))

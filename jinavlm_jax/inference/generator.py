@@ -6,9 +6,10 @@
     out.texts, out.tokens, out.stop_reasons
 
 Shapes are bucketed so that new prompts and images rarely compile: the prompt length is padded on
-the left to a power of two (multiples of 1024 beyond 1024), the crop count to a power of two or a
+the left to a power of two (multiples of 256 beyond 1024), the crop count to a power of two or a
 multiple of 13 (thumbnail + 12 tiles, the released processor's maximum for one image), the cache
-to a power of two >= prompt + max_new_tokens, and max_new_tokens, the stop ids, temperature, top-k
+to a power of two or a multiple of 128 (the smaller) >= prompt + max_new_tokens (`buckets`), and
+max_new_tokens, the stop ids, temperature, top-k
 and top-p are traced values. Only whether top-k / top-p filtering runs at all is compiled in.
 For many users at once, see `engine.Engine` (continuous batching over decode slots).
 """
@@ -242,7 +243,7 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
     `sharding.make_mesh` mesh for data / FSDP / tensor parallel inference. tokenizer: anything with
     `decode(ids)`, to fill `Generation.texts`. on_token(step, tokens [B]): called once per decode
     step with the new token of every row (-1 for rows that already stopped), for streaming.
-    cache_length: KV-cache slots (default: the next power of two >= padded prompt + max_new_tokens).
+    cache_length: KV-cache slots (default: `cache_bucket(padded prompt + max_new_tokens)`).
 
     params: the model's param tree (it is re-laid out for decoding on every call; build a `Generator`
     once to serve many requests) or `InferenceParams`. quantize: "int8" runs the decoder with int8
