@@ -180,8 +180,8 @@ class TorchConnector(nn.Module):
     def forward(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """feats [B, T, P, C], masks [B, T, P] -> [B, T, windows, d_text]."""
         b, t, p, ch = feats.shape
-        m = masks.float()[..., None]
-        full, partial = (m == 0).float(), ((m < 1) & (m != 0)).float()
+        m = masks.to(feats.dtype)[..., None]
+        full, partial = (m == 0).to(feats.dtype), ((m < 1) & (m != 0)).to(feats.dtype)
         x = feats + full * self.pad_embed[0] + partial * self.pad_embed[1]
         s, ph, pw = self.side, self.ph, self.pw
         sh, sw = -(-s // ph) * ph, -(-s // pw) * pw
@@ -228,11 +228,22 @@ class TorchVLM(nn.Module):
         self.n_layers, self.side, self.vocab = v.n_layers, v.patches_per_side, t.vocab_size
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.inputs_embeds(batch)
+        logits = self.text(inputs_embeds=x, position_ids=batch["positions"]).logits
+        w = batch["weights"]
+        xent = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].clamp(0, self.vocab - 1).reshape(-1),
+                               reduction="none").reshape(w.shape)
+        denom = w.sum().clamp_min(1.0)
+        return (xent * w).sum() / denom, denom
+
+    def inputs_embeds(self, batch: dict) -> torch.Tensor:
+        """Vision tower, connector and the token embeddings with the image features added at
+        `image_input_idx` (what the decoder reads) [B, L, D]."""
         images = batch["images"]
         b, tc, p, d = images.shape
         flat = images.reshape(b * tc, p, d)
-        out = self.vision(pixel_values=flat, pixel_attention_mask=torch.ones(b * tc, p, dtype=torch.long),
-                          spatial_shapes=torch.tensor([[self.side, self.side]] * (b * tc)),
+        out = self.vision(pixel_values=flat, pixel_attention_mask=torch.ones(b * tc, p, dtype=torch.long, device=flat.device),
+                          spatial_shapes=torch.tensor([[self.side, self.side]] * (b * tc), device=flat.device),
                           output_hidden_states=True)
         hs = out.hidden_states
         feats = torch.cat([out.last_hidden_state if i == self.n_layers else hs[i + 1] for i in self.features], -1)
@@ -244,14 +255,8 @@ class TorchVLM(nn.Module):
         x = self.text.model.embed_tokens(ids)
         idx = batch["image_input_idx"].reshape(b, -1)
         keep = idx >= 0
-        rows = torch.arange(b)[:, None].expand_as(idx)
-        x = x.index_put((rows[keep], idx[keep]), pooled[keep], accumulate=True)   # scatter-add
-        logits = self.text(inputs_embeds=x, position_ids=batch["positions"]).logits
-        w = batch["weights"]
-        xent = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].clamp(0, self.vocab - 1).reshape(-1),
-                               reduction="none").reshape(w.shape)
-        denom = w.sum().clamp_min(1.0)
-        return (xent * w).sum() / denom, denom
+        rows = torch.arange(b, device=idx.device)[:, None].expand_as(idx)
+        return x.index_put((rows[keep], idx[keep]), pooled[keep], accumulate=True)   # scatter-add
 
 
 def run_torch(cfg, mc: JinaVLMConfig, batch: dict, steps: int) -> dict:
@@ -305,7 +310,8 @@ def run_torch(cfg, mc: JinaVLMConfig, batch: dict, steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------ report
 
-def cpu_info() -> str:
+def cpu_flags() -> tuple[str, list[str]]:
+    """(model name, instruction-set flags) of this CPU from /proc/cpuinfo (flags empty where unknown)."""
     name, flags = platform.processor() or platform.machine(), []
     try:
         for line in open("/proc/cpuinfo"):
@@ -316,6 +322,11 @@ def cpu_info() -> str:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_info() -> str:
+    name, flags = cpu_flags()
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "-"
     return (f"{name} ({isa}); {os.cpu_count()} cores, this process pinned to {threads()}; "
             f"jax {jax.__version__}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
