@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_serve.py [--size mid|tiny] [--clients 8] [--requests 32] [--rate 4]
                                       [--max-tokens 64] [--image-share 0.25] [--max-batch 8]
+                                      [--max-model-len 1024] [--decode-block N]
 
 One set of chat requests (short questions, a share of them about an image; some images repeat),
 each generating `--max-tokens` tokens greedily, goes three ways, measured side by side:
@@ -108,12 +109,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, max_batch: int, max_model_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, max_batch: int, max_model_len: int,
+                 decode_block: int | None = None) -> tuple[subprocess.Popen, str]:
     import httpx
     port = free_port()
     cmd = [sys.executable, "-m", "jinavlm_jax.cli", "serve", "--checkpoint", str(model_dir / "ckpt"),
            "--tokenizer", str(model_dir), "--port", str(port), "--max-batch", str(max_batch),
            "--max-model-len", str(max_model_len), "--shutdown-timeout", "5"]
+    if decode_block is not None:
+        cmd += ["--decode-block", str(decode_block)]
     proc = subprocess.Popen(cmd, stderr=sys.stderr, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     while True:
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-block", type=int, help="the server's --decode-block (default: its own)")
     args = p.parse_args(argv)
 
     from jinavlm_jax import JinaVLMConfig
@@ -206,7 +211,7 @@ def main(argv=None) -> int:
         log(f"writing a random {args.size} model")
         model_dir = write_model_dir(Path(tmp), mid_config() if args.size == "mid" else JinaVLMConfig.tiny(),
                                     max_crops=1, vocab_size=2048)
-        proc, base = start_server(model_dir, args.max_batch, args.max_model_len)
+        proc, base = start_server(model_dir, args.max_batch, args.max_model_len, args.decode_block)
         try:
             log(f"server: {args.requests} requests, {args.clients} clients, Poisson {args.rate}/s")
             asyncio.run(load_test(base, reqs[:args.max_batch], args.max_batch, 1e6, args.seed))  # warm the caches

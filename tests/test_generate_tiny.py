@@ -115,3 +115,25 @@ def test_buckets_bound_the_padding():
     for n in range(1, 6000, 37):
         assert n <= cache_bucket(n) < n + 128 or cache_bucket(n) < 2 * n
         assert n <= prompt_bucket(n) and (prompt_bucket(n) < n + 256 or prompt_bucket(n) <= max(2 * n, 32))
+
+
+def test_blocked_decode_attention_equals_one_pass():
+    """decode_block: the one-query attention over blocks of the cache (online softmax, only the blocks
+    the longest valid row reaches) equals the one-pass softmax (float32, 1e-5), for a float and an int8
+    cache, rows of different valid lengths; a row with no valid slot stays finite."""
+    from jinavlm_jax.model.layers import attention, quantize_kv
+    kq, kk, kv_ = jax.random.split(jax.random.key(1), 3)
+    k = jax.random.normal(kk, (3, 32, 2, 8))
+    v = jax.random.normal(kv_, (3, 32, 2, 8))
+    q = jax.random.normal(kq, (3, 1, 4, 8))
+    lengths = np.array([5, 19, 0])  # the longest row reaches the third block of 8; the others read zeros
+    mask = (np.arange(32)[None] < lengths[:, None])[:, None, :]
+    for kc, vc in ((k, v), (quantize_kv(k), quantize_kv(v))):
+        one = np.asarray(attention(q, kc, vc, mask, jnp.float32, kv_cache=True))
+        blocked = np.asarray(attention(q, kc, vc, mask, jnp.float32, kv_cache=True, decode_block=8))
+        np.testing.assert_allclose(blocked[:2], one[:2], rtol=1e-5, atol=1e-5)
+        assert np.all(np.isfinite(blocked))
+    # slots past the longest row are never read: garbage there changes nothing
+    k_bad = k.at[:, 24:].set(jnp.nan)
+    out = attention(q, k_bad, v, mask, jnp.float32, kv_cache=True, decode_block=8)
+    assert np.all(np.isfinite(np.asarray(out)[:2]))

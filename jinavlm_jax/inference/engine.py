@@ -53,6 +53,7 @@ from .programs import CACHE_AXES, constrain_cache, decode_step, model_for, parse
 from .sampling import GenerateError, Sampling, row_keys, sample
 
 STATE_AXES = ("cache_batch",)
+DECODE_BLOCK = 128  # cache slots per block of the decode attention (`cache_slots` are multiples of 128)
 
 
 class RequestError(GenerateError):
@@ -106,6 +107,17 @@ def cache_slots(max_model_len: int, multiple: int = 128) -> int:
     """KV positions per decode slot: max_model_len rounded up to a multiple of 128 (TPU-friendly tiles;
     every decode step attends over all of them, so no power-of-two rounding)."""
     return -(-int(max_model_len) // multiple) * multiple
+
+
+def slot_config(config: JinaVLMConfig, cache_length: int, decode_block: int | None = None) -> JinaVLMConfig:
+    """The config the engine's programs use for slots of `cache_length` positions: the decode attention
+    in blocks of `decode_block` slots (None: DECODE_BLOCK when a slot holds more than 4 blocks, else one
+    pass); see `JinaVLMConfig.decode_block`."""
+    if decode_block is None:
+        decode_block = DECODE_BLOCK if cache_length > 4 * DECODE_BLOCK else 0
+    if decode_block and cache_length % decode_block:
+        raise ValueError(f"decode_block={decode_block} must divide the slots' cache length {cache_length}")
+    return config.replace(decode_block=int(decode_block))
 
 
 def _sds(shape, dtype, axes, mesh):
@@ -336,22 +348,27 @@ class Engine:
         a request that stops mid-call discards the rest). mesh: a `sharding.make_mesh` mesh (slots
         split over data x fsdp, heads over tensor). quantize: "int8" serves int8 decoder weights
         (`adapt.quant`; see `Generator`). kv_cache_dtype: "int8" keeps the slots' KV cache in int8
-        (half the bytes of bf16; see `Generator`).
+        (half the bytes of bf16; see `Generator`). decode_block: cache slots per block of the decode
+        attention, which reads only the blocks the longest live request has reached
+        (`JinaVLMConfig.decode_block`); None: DECODE_BLOCK when a slot holds more than 4 blocks, else
+        0 (one pass over the whole slot).
     """
 
     def __init__(self, config: JinaVLMConfig, params, processor, *, max_batch: int = 8, max_model_len: int = 4096,
                  max_images: int = 8, max_queue: int = 256, vision_cache: int = 64, steps_per_call: int = 1,
-                 mesh=None, stop_ids: Sequence[int] | None = None, quantize=None, kv_cache_dtype=None):
+                 mesh=None, stop_ids: Sequence[int] | None = None, quantize=None, kv_cache_dtype=None,
+                 decode_block: int | None = None):
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch ({max_batch}) and steps_per_call ({steps_per_call}) must be >= 1")
         limit = config.text.max_sequence_length
         if not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context)")
-        self.config, self.processor, self.mesh = config, processor, mesh
+        self.processor, self.mesh = processor, mesh
         self.params = prepare_params(config, params, mesh, quantize)
         self.kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.max_batch, self.max_model_len = int(max_batch), int(max_model_len)
         self.cache_length = cache_slots(self.max_model_len)
+        self.config = slot_config(config, self.cache_length, decode_block)
         self.max_images, self.max_queue, self.steps_per_call = int(max_images), int(max_queue), int(steps_per_call)
         self.stop_ids = frozenset(int(s) for s in (processor.stop_ids if stop_ids is None else stop_ids))
         self.vision_cache = VisionCache(vision_cache)

@@ -125,7 +125,10 @@ class JinaVLMConfig:
     `nn.scan` (True: one compiled layer body, params `text/layers` with a leading layers axis; for
     training) or applied one by one (False: params `text/layers_0` ... `text/layers_{n-1}` and one KV
     cache buffer per layer; the layout inference uses, see `inference.prepare_params`). The vision
-    tower is always scanned.
+    tower is always scanned. `decode_block`: a decode step over a KV cache attends block by block
+    (N slots per block, online softmax) only up to the longest valid row, skipping the blocks no row
+    has reached; 0 attends over the whole cache in one pass. For caches much longer than what they
+    hold: the serving engine's slots are `max_model_len` long whatever the requests use.
     Change them with `dataclasses.replace(cfg, dtype="bfloat16")` or `cfg.replace(...)`.
     """
 
@@ -138,6 +141,7 @@ class JinaVLMConfig:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     scan_layers: bool = True
+    decode_block: int = 0
 
     def __post_init__(self):
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
@@ -146,6 +150,8 @@ class JinaVLMConfig:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.decode_block < 0:
+            raise ConfigError(f"decode_block must be >= 0 (0 = the whole cache in one pass), got {self.decode_block}")
         t, v = self.text, self.vision
         if t.n_heads % t.n_kv_heads:
             raise ConfigError(f"text n_heads={t.n_heads} is not a multiple of n_kv_heads={t.n_kv_heads}")

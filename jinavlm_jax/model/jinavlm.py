@@ -35,7 +35,7 @@ class JinaVLM(nn.Module):
         self.vision = VisionTower(c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.connector = Connector(c.connector, c.vision.patches_per_side, c.text.hidden_size, **kw)
         self.text = TextModel(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl,
-                              scan_layers=c.scan_layers, **kw)
+                              scan_layers=c.scan_layers, decode_block=c.decode_block, **kw)
 
     # ---------------------------------------------------------------- vision side
     def vision_features(self, images: jax.Array) -> jax.Array:

@@ -118,7 +118,7 @@ class RMSNorm(_Norm):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype,
-              kv_cache: bool = False) -> jax.Array:
+              kv_cache: bool = False, decode_block: int = 0) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
     q [B, Lq, H, hd], k/v [B, Lk, KV, hd], mask [B, Lq, Lk] bool (True = may attend) or None.
@@ -127,12 +127,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     (like the official additive finfo.min bias), never NaN. `kv_cache`: k/v are a decode step's KV
     cache, read in place by one query (`_attention_one_query`); other single queries (the
     connector's pooling over 4 keys) take the matmul path, which XLA:CPU runs ~7x faster there.
+    `decode_block` > 0 (with `kv_cache`): attend block by block up to the longest valid row
+    (`_attention_blocks`).
     """
     b, lq, h, hd = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
     if lq == 1 and kv_cache:
-        return _attention_one_query(q, k, v, mask, dtype).reshape(b, lq, h, hd)
+        return _attention_one_query(q, k, v, mask, dtype, decode_block).reshape(b, lq, h, hd)
     k, v = dequantize_kv(k), dequantize_kv(v)
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
@@ -142,25 +144,72 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     return o.reshape(b, lq, h, hd).astype(dtype)
 
 
-def _attention_one_query(q, k, v, mask, dtype):
+def _attention_one_query(q, k, v, mask, dtype, block: int = 0):
     """One query per row (a decode step over a KV cache [B, S, KV, hd]) as multiply-and-sum loops that
     read the cache once in its own layout. As einsums, the batched dots over (B, KV) make XLA
     transpose the whole K and V caches on every step (two copies of the cache per layer), which
-    costs more than the attention itself. Same products and float32 sums as the einsum path."""
+    costs more than the attention itself. Same products and float32 sums as the einsum path.
+    An int8 cache (QuantizedKV) is read as codes, its per-token scales applied to the sums."""
     q = q[:, 0].astype(dtype).astype(F32)  # [B, KV, G, hd]
-    if isinstance(k, QuantizedKV):  # int8 codes read as they are, the slot's scale applied to the sums
-        s = jnp.sum(q[:, None] * k.codes.astype(F32)[:, :, :, None, :], axis=-1) * k.scale[:, :, None, None]
+    valid = jnp.ones(k.shape[:2], bool) if mask is None else mask[:, 0]  # [B, S]
+
+    def one_pass(q, k, v, valid):
+        s = jnp.where(valid[:, :, None, None], _cache_scores(q, k, dtype), jnp.finfo(F32).min)
+        return _cache_weighted(jax.nn.softmax(s, axis=1), v, dtype)
+
+    s_len = valid.shape[1]
+    if block and s_len > block and s_len % block == 0:
+        # Blocks cost more per slot than one pass (measured at full size on XLA:CPU): read the whole
+        # cache in one pass once the longest row fills more than 3/4 of it.
+        longest = jnp.max(jnp.where(valid, jnp.arange(s_len, dtype=jnp.int32)[None] + 1, 0))
+        o = jax.lax.cond(4 * longest > 3 * s_len, one_pass,
+                         lambda *a: _attention_blocks(*a, longest, dtype, block), q, k, v, valid)
     else:
-        s = jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)  # [B, S, KV, G]
-    if mask is not None:
-        s = jnp.where(mask[:, 0, :, None, None], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=1)
+        o = one_pass(q, k, v, valid)
+    return o[:, None].astype(dtype)
+
+
+def _cache_scores(q, k, dtype) -> jax.Array:
+    """q [B, KV, G, hd] float32 against cached keys [B, S, KV, hd] -> scores [B, S, KV, G] (float32)."""
+    if isinstance(k, QuantizedKV):
+        return jnp.sum(q[:, None] * k.codes.astype(F32)[:, :, :, None, :], axis=-1) * k.scale[:, :, None, None]
+    return jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)
+
+
+def _cache_weighted(p, v, dtype) -> jax.Array:
+    """Weights p [B, S, KV, G] over cached values [B, S, KV, hd] -> [B, KV, G, hd] (float32 sums; float
+    weights rounded to the compute dtype like the einsum path's)."""
     if isinstance(v, QuantizedKV):
         p, v = p * v.scale[:, :, None, None], v.codes.astype(F32)
     else:
         p, v = p.astype(dtype).astype(F32), v.astype(dtype).astype(F32)
-    o = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)  # [B, KV, G, hd]
-    return o[:, None].astype(dtype)
+    return jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
+
+
+def _attention_blocks(q, k, v, valid, longest, dtype, block: int) -> jax.Array:
+    """The one-query attention over blocks of `block` cache slots, only as many as the longest valid
+    row (`longest` slots) needs (a `fori_loop` with a traced trip count, at least one block), with the running max and
+    sum of an online softmax. Reads the cache in place (slices of the loop-invariant buffers); equal
+    to the one-pass softmax up to float32 rounding. A row with no valid slot in the blocks read
+    attends uniformly over them (never NaN), like the one-pass path's fully masked row."""
+    n_blocks = jnp.maximum((longest + block - 1) // block, 1)
+    take = lambda x, i: jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis=1), x)
+    b, kv, g, _ = q.shape
+
+    def body(i, carry):
+        m, total, acc = carry
+        s = jnp.where(take(valid, i)[:, :, None, None], _cache_scores(q, take(k, i), dtype), jnp.finfo(F32).min)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        rescale = jnp.exp(m - m_new)
+        return (m_new, total * rescale + jnp.sum(p, axis=1),
+                acc * rescale[..., None] + _cache_weighted(p, take(v, i), dtype))
+
+    init = (jnp.full((b, kv, g), jnp.finfo(F32).min, F32), jnp.zeros((b, kv, g), F32),
+            jnp.zeros(q.shape, F32))
+    _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return acc / total[..., None]
 
 
 class QuantizedKV(NamedTuple):

@@ -50,6 +50,7 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    decode_block: int = 0
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
@@ -102,7 +103,7 @@ class DecoderLayer(nn.Module):
                              "text.SegmentMask(segment_ids [B, L]), not a dense [B, L, S] mask: pass "
                              "SegmentMask(attention_mask.astype(jnp.int32)) for left-padded prompts, or "
                              "the batch's segment_ids for packed rows")
-        return attention(q, k, v, mask, self.dtype, kv_cache=cached)
+        return attention(q, k, v, mask, self.dtype, kv_cache=cached, decode_block=self.decode_block)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
@@ -141,6 +142,7 @@ class TextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     scan_layers: bool = True
+    decode_block: int = 0
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -156,7 +158,8 @@ class TextModel(nn.Module):
             self.layers = stack(c, attention_impl=self.attention_impl, name="layers", **kw)
         else:  # params text/layers_0 ... layers_{n-1}: each layer reads its own buffers in place
             layer = remat_layer(DecoderLayer, self.remat_policy)
-            self.layers = [layer(c, attention_impl=self.attention_impl, **kw) for _ in range(c.n_layers)]
+            self.layers = [layer(c, attention_impl=self.attention_impl, decode_block=self.decode_block, **kw)
+                           for _ in range(c.n_layers)]
         self.ln_f = RMSNorm(c.norm_eps, **kw)
         self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32, **kw)
 

@@ -35,6 +35,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="images whose vision features are kept (LRU, default 64; 0 = off)")
     p.add_argument("--steps-per-call", type=int, default=1, metavar="K",
                    help="tokens each decode call advances every slot (default 1)")
+    p.add_argument("--decode-block", type=int, metavar="N",
+                   help="cache slots per block of the decode attention, which reads only the blocks the longest "
+                        "live request has reached (default: 128 when a slot holds more than 512 positions; 0: "
+                        "every step reads the whole slot)")
     p.add_argument("--allowed-local-media", action="append", default=[], metavar="DIR",
                    help="directory whose files image_url may name (local path or file://); repeatable")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id in responses (default: checkpoint name)")
@@ -85,7 +89,7 @@ def _serve(args: argparse.Namespace, say) -> int:
     engine = Engine(config, params, _processor(args), max_batch=args.max_batch, max_model_len=args.max_model_len,
                     max_images=args.max_images, max_queue=args.max_queue, vision_cache=args.vision_cache,
                     steps_per_call=args.steps_per_call, mesh=mesh, quantize=args.quantize,
-                    kv_cache_dtype=args.kv_cache_dtype)
+                    kv_cache_dtype=args.kv_cache_dtype, decode_block=args.decode_block)
     del params
     engine.start(warmup=not args.no_warmup, say=say)
     name = args.served_model_name or Path(args.checkpoint).resolve().name

@@ -387,6 +387,7 @@ def serve_jobs(model_cfg, mesh, max_batch: int, max_model_len: int, crops: int, 
     kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
     params = _inference_params(model_cfg, mesh, quantize)
     length, slots = prompt_bucket(max_model_len), engine.cache_slots(max_model_len)
+    model_cfg = engine.slot_config(model_cfg, slots)  # what Engine compiles: the blocked decode attention
     state = engine.abstract_state(model_cfg, max_batch, slots, mesh, kv_cache_dtype)
     static = {"max_batch": max_batch, "max_model_len": max_model_len, "cache_len": slots,
               **_weights(params, kv_cache_dtype)}
