@@ -422,7 +422,7 @@ def torch_ttft(config: JinaVLMConfig, dtype: str, batch: dict) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 def secs(x: float) -> str:
-    return f"{x:.1f} s" if x >= 10 else f"{x:.3g} s"
+    return f"{x:.1f} s" if x >= 10 else f"{x:.2f} s" if x >= 1 else f"{x:.3g} s"
 
 
 def fmt_table(rows: list[list[str]], header: list[str]) -> str:
@@ -502,8 +502,8 @@ def main(argv=None) -> int:
             fl = j["prefill_flops"]
             gj, gt = fl / j["prefill_s"] / 1e9, fl / t["prefill_s"] / 1e9
             ratio = t["prefill_s"] / j["prefill_s"]
-            rows.append([d, f"decoder prefill {PROMPT} tok, batch 1", f"{j['prefill_s']:.2f} s",
-                         f"{t['prefill_s']:.2f} s", f"{ratio:.2f}x",
+            rows.append([d, f"decoder prefill {PROMPT} tok, batch 1", secs(j['prefill_s']),
+                         secs(t['prefill_s']), f"{ratio:.2f}x",
                          f"{gj:.0f} GFLOP/s = {100 * gj / peak:.0f}% of peak",
                          f"{gt:.0f} GFLOP/s = {100 * gt / peak:.0f}%"])
             check(notes, d, "prefill", ratio, gj / peak, "peak", ceilings[d]["mm_jax"] / peak,
