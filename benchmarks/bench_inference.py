@@ -262,6 +262,18 @@ def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8), quant
 
 # ------------------------------------------------------------------------------------ decoder: transformers
 
+def torch_model(build, dtype: str):
+    """`build()` with seed 0 and its weights made in `dtype` directly (torch's default dtype while it
+    runs), in eval mode on DEVICE."""
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(TORCH_DTYPES[dtype])
+    try:
+        return build().eval().to(DEVICE)
+    finally:
+        torch.set_default_dtype(old)
+
+
 def torch_decoder(config: JinaVLMConfig, dtype: str, decode_tokens: int, batches=(1, 8)) -> dict:
     from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
     t = config.text
@@ -271,13 +283,7 @@ def torch_decoder(config: JinaVLMConfig, dtype: str, decode_tokens: int, batches
                      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
                      max_position_embeddings=t.max_sequence_length)
     qc._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(TORCH_DTYPES[dtype])  # build the weights in the target dtype directly
-    try:
-        model = Qwen3ForCausalLM(qc).eval().to(DEVICE)
-    finally:
-        torch.set_default_dtype(old)
+    model = torch_model(lambda: Qwen3ForCausalLM(qc), dtype)
     res = {}
     rng = np.random.default_rng(0)
     with torch.inference_mode():
@@ -337,13 +343,7 @@ def torch_vision(config: JinaVLMConfig, dtype: str) -> dict:
                              num_attention_heads=v.n_heads, patch_size=v.patch_size, num_patches=v.n_patches,
                              layer_norm_eps=v.norm_eps, vision_use_head=False)
     sc._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(TORCH_DTYPES[dtype])
-    try:
-        model = Siglip2VisionModel(sc).eval().to(DEVICE)
-    finally:
-        torch.set_default_dtype(old)
+    model = torch_model(lambda: Siglip2VisionModel(sc), dtype)
     side = v.patches_per_side
     pix = torch.rand(CROPS, v.n_patches, v.patch_dim, dtype=TORCH_DTYPES[dtype], device=DEVICE) * 2 - 1
     mask = torch.ones(CROPS, v.n_patches, dtype=torch.long, device=DEVICE)
@@ -398,13 +398,7 @@ def torch_ttft(config: JinaVLMConfig, dtype: str, batch: dict) -> dict:
     connector's math in torch (`bench_train.TorchConnector`), the features added at their token
     positions, `Qwen3ForCausalLM` prefill (`use_cache=True, logits_to_keep=1`), argmax."""
     from bench_train import TorchVLM
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(TORCH_DTYPES[dtype])
-    try:
-        model = TorchVLM(config).eval().to(DEVICE)
-    finally:
-        torch.set_default_dtype(old)
+    model = torch_model(lambda: TorchVLM(config), dtype)
     tb = {k: torch.from_numpy(batch[k]).to(DEVICE) for k in ("input_ids", "image_input_idx", "image_masks")}
     tb["images"] = torch.from_numpy(batch["images"]).to(DEVICE, TORCH_DTYPES[dtype])
 

@@ -61,3 +61,22 @@ def tiny_vlm_dir(tmp_path_factory) -> Path:
     max_crops=1 (an image is a thumbnail and one tile)."""
     from jinavlm_jax.testing import write_model_dir
     return write_model_dir(tmp_path_factory.mktemp("tiny_vlm"), max_crops=1)
+
+
+@pytest.fixture
+def benchmark_module():
+    """Import a script of benchmarks/ by name (they compare against torch + transformers, so the test
+    is skipped without them)."""
+    import importlib
+    import sys
+
+    def load(name: str):
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+        bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+    return load

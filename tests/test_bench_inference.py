@@ -2,23 +2,12 @@
 every workload on both sides, the time-to-first-token photo included, and prints one table."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.slow
-def test_bench_inference_smoke(capsys):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_inference
-    finally:
-        sys.path.remove(str(BENCH))
+def test_bench_inference_smoke(benchmark_module, capsys):
+    bench_inference = benchmark_module("bench_inference")
     assert bench_inference.main(["--smoke", "--dtypes", "float32", "--decode-tokens", "3", "--no-int8"]) == 0
     out = capsys.readouterr().out
     rows = {r.split("|")[2].strip(): r.split("|") for r in out.splitlines()

@@ -3,23 +3,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.mark.slow
-def test_bench_train_smoke(capsys):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(BENCH))
+def test_bench_train_smoke(benchmark_module, capsys):
+    bench_train = benchmark_module("bench_train")
     assert bench_train.main(["--smoke", "--sizes", "demo", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| demo |")]
