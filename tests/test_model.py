@@ -132,6 +132,24 @@ def test_bf16_compute_close_to_fp32():
 
 
 @pytest.mark.slow
+def test_one_row_16bit_matmul_runs_as_two_rows_on_cpu():
+    """layers.matmul: a one-row bfloat16 product (batch-1 decode) is padded to two rows on CPU (XLA:CPU's
+    bf16 GEMV converts the weights to float32) and gives the row's product; float32 and TPU are untouched."""
+    from jinavlm_jax.model import layers
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((64, 3, 16)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.float32)
+    f = jax.jit(lambda x, k, dt: layers.matmul(x, k, 1, dt), static_argnums=2)
+    y = f(x, kernel, jnp.bfloat16)
+    ref = jnp.einsum("bld,dhe->blhe", x.astype(jnp.bfloat16), kernel, preferred_element_type=jnp.float32)
+    assert y.shape == (1, 1, 3, 16) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    dots = lambda dt: [l for l in f.lower(x, kernel, dt).as_text().splitlines() if "dot_general" in l]
+    assert any("tensor<2x64xbf16>" in l for l in dots(jnp.bfloat16)), dots(jnp.bfloat16)
+    assert not any("tensor<2x" in l for l in dots(jnp.float32))
+    assert layers.target_platform() == jax.default_backend()
+
+
 def test_bf16_params_and_remat_policies():
     """bf16 params run; every remat policy gives the same loss and gradients as none (fp32, 1e-6)."""
     from jinavlm_jax.model import VisionConfig

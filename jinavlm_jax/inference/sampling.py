@@ -64,24 +64,30 @@ def sample(logits: jax.Array, keys: jax.Array, step, temperature: jax.Array, top
     """
     b, v = logits.shape
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    t = jnp.where(temperature > 0, temperature, 1.0).astype(logits.dtype)
-    z = logits / t[:, None]
-    neg = jnp.finfo(z.dtype).min
-    if filtered:
-        srt = -jnp.sort(-z, axis=-1)                                        # descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)           # the k-th largest
-        z = jnp.where(z < kth, neg, z)
-        cand = jnp.where(jnp.arange(v)[None, :] < k[:, None], srt, neg)     # top-k, still sorted
-        probs = jax.nn.softmax(cand, axis=-1)
-        # Keep a token if the mass strictly before it is < top_p (so the top token always stays).
-        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
-        cutoff = jnp.min(jnp.where(keep, cand, jnp.inf), axis=-1, keepdims=True)
-        z = jnp.where(z < cutoff, neg, z)
-    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
-    step_keys = jax.vmap(jax.random.fold_in)(keys, step)
-    drawn = jax.vmap(jax.random.categorical)(step_keys, z).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def draw():
+        t = jnp.where(temperature > 0, temperature, 1.0).astype(logits.dtype)
+        z = logits / t[:, None]
+        neg = jnp.finfo(z.dtype).min
+        if filtered:
+            srt = -jnp.sort(-z, axis=-1)                                        # descending
+            k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+            kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)           # the k-th largest
+            z = jnp.where(z < kth, neg, z)
+            cand = jnp.where(jnp.arange(v)[None, :] < k[:, None], srt, neg)     # top-k, still sorted
+            probs = jax.nn.softmax(cand, axis=-1)
+            # Keep a token if the mass strictly before it is < top_p (so the top token always stays).
+            keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+            cutoff = jnp.min(jnp.where(keep, cand, jnp.inf), axis=-1, keepdims=True)
+            z = jnp.where(z < cutoff, neg, z)
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        drawn = jax.vmap(jax.random.categorical)(step_keys, z).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # The draw (a Gumbel sample over the whole vocabulary for every row, and the sort of top-k / top-p)
+    # runs only when some row samples: a greedy batch pays for the argmax alone.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
 
 
 def sampling_arrays(settings, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
