@@ -150,6 +150,37 @@ def test_one_row_16bit_matmul_runs_as_two_rows_on_cpu():
     assert layers.target_platform() == jax.default_backend()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_per_head_attention_equals_batched_einsums(dtype):
+    """layers.attention on CPU takes `_attention_per_head` (one row's KV head at a time) from
+    PER_HEAD_SCORES = Lq x Lk on: the same attention as the batched einsums, with GQA, a causal +
+    padding mask and a fully masked row (uniform, never NaN). Tolerance: float32 2e-6; bfloat16
+    1 bf16 ulp of the output (the normalisation moves after the rounded second product)."""
+    from jinavlm_jax.model import layers
+    rng = np.random.default_rng(0)
+    b, lq, h, kv, hd = 2, 272, 4, 2, 16
+    assert lq * lq >= layers.PER_HEAD_SCORES
+    q, k, v = (jnp.asarray(rng.standard_normal((b, lq, n, hd)), jnp.float32) for n in (h, kv, kv))
+    mask = np.tril(np.ones((lq, lq), bool))[None].repeat(b, 0)
+    mask[1, :, :5] = False
+    mask[1, 7] = False  # a row that may attend nowhere
+    dt = jnp.dtype(dtype)
+    fast = jax.jit(lambda *a: layers.attention(*a, dt))
+    batched = jax.jit(lambda *a: layers.attention(*a, dt))
+    for m in (None, jnp.asarray(mask)):
+        lowered = fast.lower(q, k, v, m).as_text()
+        assert "stablehlo.while" in lowered  # the per-head map was taken
+        old, layers.PER_HEAD_SCORES = layers.PER_HEAD_SCORES, 1 << 40
+        try:
+            ref = np.asarray(batched(q, k, v, m).astype(jnp.float32))
+        finally:
+            layers.PER_HEAD_SCORES = old
+        out = np.asarray(fast(q, k, v, m).astype(jnp.float32))
+        assert np.isfinite(out).all()
+        tol = 2e-6 if dtype == "float32" else 2 ** -7
+        np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
 def test_bf16_params_and_remat_policies():
     """bf16 params run; every remat policy gives the same loss and gradients as none (fp32, 1e-6)."""
     from jinavlm_jax.model import VisionConfig
