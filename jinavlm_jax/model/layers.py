@@ -7,8 +7,10 @@ with float32 params), and logits are float32: with bf16 compute only the matmul 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +47,28 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype) -> ja
     return y[:1].reshape(lead + y.shape[1:]) if pad else y
 
 
+_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("jinavlm_traced_for", default=None)
+
+
 def target_platform() -> str:
-    """The platform of the program being traced: the current mesh's devices ("tpu" while `jinavlm aot`
-    compiles for a TPU topology on a CPU host), else JAX's default backend."""
+    """The platform of the program being traced: the one `traced_for` names, else the current mesh's
+    devices ("tpu" while `jinavlm aot` compiles for a TPU topology on a CPU host), else JAX's default
+    backend. CPU-only formulations (`matmul`'s two rows, `_attention_per_head`) are chosen by it."""
+    if (platform := _TRACED_FOR.get()) is not None:
+        return platform
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     return device.platform if device is not None else jax.default_backend()
+
+
+@contextlib.contextmanager
+def traced_for(platform: str) -> Iterator[None]:
+    """Trace programs inside as for `platform`. `jinavlm efficiency` counts FLOPs with "tpu": XLA's cost
+    analysis counts a loop body once, and on CPU long attention is a loop over heads."""
+    token = _TRACED_FOR.set(platform)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
 
 
 def cast_kernel(kernel, dtype: Dtype):
