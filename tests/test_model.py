@@ -155,7 +155,7 @@ def test_per_head_attention_equals_batched_einsums(dtype):
     """layers.attention on CPU takes `_attention_per_head` (one row's KV head at a time) from
     PER_HEAD_SCORES = Lq x Lk on: the same attention as the batched einsums, with GQA, a causal +
     padding mask and a fully masked row (uniform, never NaN). Tolerance: float32 2e-6; bfloat16
-    1 bf16 ulp of the output (the normalisation moves after the rounded second product)."""
+    2^-7, bf16's epsilon (the normalisation moves after the rounded second product)."""
     from jinavlm_jax.model import layers
     rng = np.random.default_rng(0)
     b, lq, h, kv, hd = 2, 272, 4, 2, 16
