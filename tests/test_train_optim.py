@@ -55,6 +55,40 @@ def test_every_param_needs_a_group():
         make_optimizer(_opt(all={"regex": ".*", "lr": 1e-3}, text={"regex": "^text/", "lr": 1e-3}), 10, ab)
 
 
+def test_sincos2d_pos_embed_init_sets_only_the_vit_positions():
+    """`model.pos_embed_init: sincos2d` starts the ViT's position table at fixed 2-D sine-cosine
+    positions (checked against a direct evaluation of the formula); every other param is the same draw
+    as the default init; a bad name or shape is refused."""
+    from jinavlm_jax.model.vision import sincos2d_positions
+    mc = JinaVLMConfig.tiny()
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    base = jax.device_get(random_params(mc, mesh, 3))
+    sc = jax.device_get(random_params(mc, mesh, 3, "sincos2d"))
+    n, d = base["vision"]["pos_embed"].shape
+    side, q = int(round(n ** 0.5)), d // 4
+    pos = np.asarray(sc["vision"]["pos_embed"])
+    for p in (0, side + 2, n - 1):                    # patch p sits at row p // side, column p % side
+        row, col = divmod(p, side)
+        for i in (0, q - 1):
+            w = 10_000.0 ** (-i / q)
+            np.testing.assert_allclose(pos[p, [i, q + i, 2 * q + i, 3 * q + i]],
+                                       [np.sin(col * w), np.cos(col * w), np.sin(row * w), np.cos(row * w)],
+                                       rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(pos, sincos2d_positions(n, d))
+    assert not np.allclose(pos, base["vision"]["pos_embed"])
+    base["vision"].pop("pos_embed"), sc["vision"].pop("pos_embed")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, base, sc)
+    with pytest.raises(ValueError, match="pos_embed_init must be one of"):
+        random_params(mc, mesh, 3, "sincos")
+    with pytest.raises(ValueError, match="square patch grid"):
+        sincos2d_positions(12, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos2d_positions(16, 6)
+    from jinavlm_jax.train.config import load_config
+    with pytest.raises(TrainConfigError, match="model.pos_embed_init"):
+        load_config(None, ["model.pos_embed_init=sincos"])
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Tiny model + two real batches from the synthetic corpus, and 4 train steps with the vision

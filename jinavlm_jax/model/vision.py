@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from .config import VisionConfig
 from .layers import Dense, Dtype, LayerNorm, attention, constrain, stack_layers
 
 ACT = ("act_batch", "act_length", "act_embed")
+
+
+def sincos2d_positions(n_patches: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embeddings [n_patches, dim] for a square patch grid (row-major).
+
+    Each quarter of `dim` holds sin(x w), cos(x w), sin(y w), cos(y w) over `dim / 4` frequencies
+    w = temperature^(-i / (dim / 4)), as in MAE and big_vision's `posemb_sincos_2d`. An initial value for
+    the learned `pos_embed` when training from scratch (the recipe key `model.pos_embed_init: sincos2d`):
+    every patch starts with its row and column, which the normal(0.02) default has to learn.
+    """
+    side = int(round(n_patches ** 0.5))
+    if side * side != n_patches:
+        raise ValueError(f"sincos2d positions need a square patch grid, got {n_patches} patches")
+    if dim % 4:
+        raise ValueError(f"sincos2d positions need a hidden size divisible by 4, got {dim}")
+    omega = temperature ** -(np.arange(dim // 4) / (dim // 4))
+    y, x = np.mgrid[:side, :side]
+    angles = [c.reshape(-1, 1) * omega[None] for c in (x, y)]
+    return np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1).astype(np.float32)
 
 
 class VisionBlock(nn.Module):

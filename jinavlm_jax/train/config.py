@@ -46,6 +46,9 @@ class RunConfig:
     loss_positions: int = 0
 
 
+POS_EMBED_INITS = ("normal", "sincos2d")   # model.pos_embed_init (train.step.random_params)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """The model to train: architecture, initial weights and run-time numerics."""
@@ -62,6 +65,10 @@ class ModelSection:
     # compile grows with the layer count, so keep true for the full model and on TPU. LoRA runs
     # (lora.rank > 0) always train the scanned decoder.
     scan_layers: bool = True
+    # init: random only: the ViT's learned position embeddings start as normal(0.02) noise ("normal",
+    # the released model's init) or as fixed 2-D sine-cosine positions ("sincos2d", MAE / big_vision):
+    # from scratch, the latter gives every patch its row and column from the first step.
+    pos_embed_init: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,7 @@ _CHOICES = {
     ("data", "too_long"): ("truncate", "reject"),
     ("data", "bad_image"): ("skip", "error"),
     ("data", "image_dtype"): ("float32", "bfloat16"),
+    ("model", "pos_embed_init"): POS_EMBED_INITS,
     ("optimizer", "schedule"): ("cosine", "linear", "constant"),
     ("distributed", "initialize"): ("auto", "always", "never"),
     ("eval", "generate", "metric"): ("auto", "exact", "choice"),

@@ -201,7 +201,7 @@ def _base_params(cfg: TrainConfig, model_cfg, mesh):
     from .step import random_params
     init = cfg.model.init
     if init == "random":
-        return random_params(model_cfg, mesh, cfg.run.seed)
+        return random_params(model_cfg, mesh, cfg.run.seed, cfg.model.pos_embed_init)
     from ..checkpoint import load_any
     from ..weights import CheckpointError
     try:

@@ -36,7 +36,7 @@ from ..model import JinaVLM, JinaVLMConfig
 from ..model.layers import constrain
 from ..model.text import SegmentMask
 from ..sharding import named, param_shardings, use_mesh
-from .config import TrainConfigError
+from .config import POS_EMBED_INITS, TrainConfigError
 from .optim import ParamGroups
 
 BATCH_KEYS = ("input_ids", "labels", "weights", "positions", "segment_ids", "images", "image_masks",
@@ -331,20 +331,33 @@ def init_state(tx: optax.GradientTransformation, shardings: dict, params) -> dic
     return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def random_params(model_cfg: JinaVLMConfig, mesh: Mesh, seed: int):
+def random_params(model_cfg: JinaVLMConfig, mesh: Mesh, seed: int, pos_embed_init: str = "normal"):
     """Randomly initialised params (`init_params` with this seed), created directly in their shardings.
 
-    The compiled initializer is cached per (config, mesh): several runs in one process compile it once.
+    `pos_embed_init`: "normal" keeps the module's normal(0.02) ViT position embeddings; "sincos2d"
+    starts them at `model.vision.sincos2d_positions` (every other param unchanged).
+    The compiled initializer is cached per (config, mesh, pos_embed_init): several runs in one
+    process compile it once.
     """
-    fn = _initializer(model_cfg, mesh)  # (built outside use_mesh: abstract_params cannot run inside it)
+    if pos_embed_init not in POS_EMBED_INITS:
+        raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}")
+    fn = _initializer(model_cfg, mesh, pos_embed_init)  # (built outside use_mesh: abstract_params cannot run inside it)
     with use_mesh(mesh):
         return fn(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=8)
-def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh):
+def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh, pos_embed_init: str = "normal"):
     from ..model import init_params
-    return jax.jit(lambda key: init_params(model_cfg, key), out_shardings=param_shardings(model_cfg, mesh))
+    from ..model.vision import sincos2d_positions
+
+    def init(key):
+        params = init_params(model_cfg, key)
+        if pos_embed_init == "sincos2d":
+            pos = params["vision"]["pos_embed"]
+            params["vision"]["pos_embed"] = jnp.asarray(sincos2d_positions(*pos.shape), pos.dtype)
+        return params
+    return jax.jit(init, out_shardings=param_shardings(model_cfg, mesh))
 
 
 def count_params(tree) -> int:
