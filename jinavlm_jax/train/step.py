@@ -347,7 +347,7 @@ def random_params(model_cfg: JinaVLMConfig, mesh: Mesh, seed: int, pos_embed_ini
 
 
 @functools.lru_cache(maxsize=8)
-def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh, pos_embed_init: str = "normal"):
+def _initializer(model_cfg: JinaVLMConfig, mesh: Mesh, pos_embed_init: str):
     from ..model import init_params
     from ..model.vision import sincos2d_positions
 
