@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from jinavlm_jax import JinaVLM, JinaVLMConfig, abstract_params  # noqa: E402
 from jinavlm_jax.efficiency import vision_flops, xla_flops  # noqa: E402
 from jinavlm_jax.inference import InferenceParams, abstract_inference_params, cache_bucket  # noqa: E402
+from jinavlm_jax.inference.params import default_kernel_layout  # noqa: E402
 from jinavlm_jax.inference.programs import decode_loop_jit, prefill_jit  # noqa: E402
 from jinavlm_jax.inference.programs import prefill as prefill_program  # noqa: E402
 from jinavlm_jax.model.layers import dtype_of, traced_for  # noqa: E402
@@ -178,15 +179,19 @@ def _normal(key, shape, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def text_inference_params(config: JinaVLMConfig, quantize: str | None = None) -> InferenceParams:
-    """Random decoder params straight in the per-layer layout (no stacked copy held at the same time);
+def text_inference_params(config: JinaVLMConfig, quantize: str | None = None,
+                          kernel_layout: str | None = None) -> InferenceParams:
+    """Random decoder params straight in the per-layer layout (no stacked copy held at the same time),
+    float kernels in `kernel_layout` (None: what `Generator` picks here, `default_kernel_layout`);
     `quantize="int8"`: then quantized with Qwix (`adapt.quant`, what `Generator(quantize=...)` does),
     one layer at a time, so the float copy of only one layer is alive beside the int8 tree."""
-    text = abstract_inference_params(config).tree["text"]
     if quantize is None:
+        layout = kernel_layout or default_kernel_layout()
+        text = abstract_inference_params(config, kernel_layout=layout).tree["text"]
         tree = {k: random_tree(v, 0) for k, v in text.items() if not k.startswith("layers_")}
         tree.update({f"layers_{i}": random_tree(text[f"layers_{i}"], i + 1) for i in range(config.text.n_layers)})
-        return InferenceParams({"text": tree})
+        return InferenceParams({"text": tree}, None, layout)
+    text = abstract_inference_params(config).tree["text"]
     from jinavlm_jax.adapt.quant import Quantization, abstract_quantized, quantize_like
     from jinavlm_jax.inference import inference_config
     quant = Quantization.parse(quantize)
@@ -205,10 +210,10 @@ def tree_bytes(tree) -> int:
 # ------------------------------------------------------------------------------------ decoder: ours
 
 def jax_decoder(config: JinaVLMConfig, decode_tokens: int, batches=(1, 8), quantize: str | None = None,
-                prefill: bool = True) -> dict:
+                prefill: bool = True, kernel_layout: str | None = None) -> dict:
     """Prefill (batch 1) and decode (each batch) timings of our programs, plus the FLOPs / bytes.
     `quantize="int8"`: int8 decoder weights (compute in `config.dtype`)."""
-    params = text_inference_params(config, quantize)
+    params = text_inference_params(config, quantize, kernel_layout)
     t = config.text
     res = {}
     weight_bytes = tree_bytes({k: v for k, v in params.tree["text"].items() if k not in ("embedding", "new_embedding")})

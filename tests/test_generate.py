@@ -154,7 +154,9 @@ sharded_gen = Generator(cfg, params, mesh)
 sharded = sharded_gen.generate(batch, max_new_tokens=8).tokens
 res = {{"greedy": [single, sharded]}}
 q = sharded_gen.params.tree["text"]["layers_0"]["q"]["kernel"]
-res["q_spec"] = str(q.sharding.spec)
+res["q_spec"], res["layout"] = str(q.sharding.spec), sharded_gen.params.kernel_layout
+# the checkpoint's kernel layout (what TPU programs take) on the same mesh: the same tokens
+res["in_out"] = Generator(cfg, params, mesh, kernel_layout="in_out").generate(batch, max_new_tokens=8).tokens
 # tensor=4 over 2 KV heads: the KV heads (and the cache) stay unsplit, the 4 query heads split.
 res["tensor4"] = Generator(cfg, params, make_mesh(data=1, fsdp=2, tensor=4)).generate(batch, max_new_tokens=8).tokens
 print(json.dumps(res))
@@ -169,7 +171,11 @@ def test_sharded_generation_equals_single_device(testdata):
     res = json.loads(run_8_devices(SHARDED.format(tests=str(REPO / "tests"), testdata=str(testdata))))
     single, sharded = res["greedy"]
     assert single == sharded, f"single-device {single} != sharded {sharded}"
-    assert res["q_spec"] == str(jax.sharding.PartitionSpec("fsdp", "tensor", None))
+    # q [embed, heads, head_dim]: FSDP over the model dimension, heads over tensor; on CPU the kernel
+    # is stored output-major ([heads, head_dim, embed], `prepare_params`), its sharding permuted alike.
+    assert res["layout"] == "out_in"
+    assert res["q_spec"] == str(jax.sharding.PartitionSpec("tensor", None, "fsdp"))
+    assert res["in_out"] == single, "the in_out kernel layout changed the tokens"
     assert res["tensor4"] == single, "tensor=4 (more than the 2 KV heads) changed the tokens"
 
 

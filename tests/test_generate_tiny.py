@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jinavlm_jax import JinaVLM, JinaVLMConfig, init_params
 from jinavlm_jax.generate import generate
@@ -137,3 +138,55 @@ def test_blocked_decode_attention_equals_one_pass():
     k_bad = k.at[:, 24:].set(jnp.nan)
     out = attention(q, k_bad, v, mask, jnp.float32, kv_cache=True, decode_block=8)
     assert np.all(np.isfinite(np.asarray(out)[:2]))
+
+
+def test_out_in_kernel_layout_is_the_same_model():
+    """`JinaVLMConfig.kernel_layout="out_in"` (what `prepare_params` picks on CPU): the decoder's
+    kernels stored [out, in]. The same init draw transposed, the same logits (float32 rounding of a
+    different product order: 1e-5), a lossless round trip, and the same greedy tokens as the
+    checkpoint's in_out layout; int8 params and unknown layouts are refused by name."""
+    from jinavlm_jax.generate import GenerateError, Generator
+    from jinavlm_jax.inference import inference_config, prepare_params
+    from jinavlm_jax.model import ConfigError
+
+    config = JinaVLMConfig.tiny()
+    params = init_params(config, 3)
+    a = prepare_params(config, params, kernel_layout="in_out")
+    b = prepare_params(config, params)                       # auto: this test runs on CPU
+    assert (a.kernel_layout, b.kernel_layout) == ("in_out", "out_in")
+    qa, qb = a.tree["text"]["layers_1"]["out"]["kernel"], b.tree["text"]["layers_1"]["out"]["kernel"]
+    assert qa.shape == (4, 8, 32) and qb.shape == (32, 4, 8)
+    np.testing.assert_array_equal(np.asarray(qb), np.asarray(qa).transpose(2, 0, 1))
+    np.testing.assert_array_equal(np.asarray(b.tree["text"]["lm_head"]["kernel"]),
+                                  np.asarray(a.tree["text"]["lm_head"]["kernel"]).T)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(  # only the decoder's kernels change
+        lambda x, y: x is y, b.tree["vision"], a.tree["vision"]))
+    # an out_in model initialises to the same draw, transposed
+    fresh = init_params(inference_config(config, "out_in"), 3)
+    np.testing.assert_array_equal(np.asarray(fresh["text"]["lm_head"]["kernel"]),
+                                  np.asarray(b.tree["text"]["lm_head"]["kernel"]))
+    # the round trip back is exact
+    back = prepare_params(config, b, kernel_layout="in_out")
+    for x, y in zip(jax.tree_util.tree_leaves(back.tree), jax.tree_util.tree_leaves(a.tree)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    batch = tiny_batch(config)
+    logits = [JinaVLM(inference_config(config, p.kernel_layout)).apply(
+        {"params": p.tree}, batch["input_ids"], batch["images"], batch["image_masks"], batch["image_input_idx"],
+        batch["attention_mask"]) for p in (a, b)]
+    np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(logits[0]), rtol=1e-5, atol=1e-5)
+    tokens = [Generator(config, p).generate(batch, max_new_tokens=NEW).tokens for p in (a, b)]
+    assert tokens[0] == tokens[1]
+    # bf16 compute takes the same path (one row as two, the kernel as the dot's left operand)
+    bf = config.replace(dtype="bfloat16")
+    one = {k: v[:1] for k, v in batch.items()}
+    assert (Generator(bf, params, kernel_layout="in_out").generate(one, max_new_tokens=NEW).tokens
+            == Generator(bf, params).generate(one, max_new_tokens=NEW).tokens)
+
+    with pytest.raises(GenerateError, match="int8 params keep"):
+        prepare_params(config, params, quantize="int8", kernel_layout="out_in")
+    assert prepare_params(config, params, quantize="int8").kernel_layout == "in_out"
+    with pytest.raises(GenerateError, match="kernel_layout: 'columns'"):
+        prepare_params(config, params, kernel_layout="columns")
+    with pytest.raises(ConfigError, match="kernel_layout must be one of"):
+        config.replace(kernel_layout="columns")

@@ -149,6 +149,37 @@ def test_one_row_16bit_matmul_runs_as_two_rows_on_cpu():
     assert layers.target_platform() == jax.default_backend()
 
 
+def test_out_in_matmul_and_bf16_cache_gemm_equal_the_reference():
+    """layers.matmul with an output-major kernel ("out_in", what inference uses on CPU), one and several
+    rows, one and two contracted dims, equals the einsum on the in_out kernel (float32: 1e-5); and the
+    bf16 one-query cache attention on CPU (block-diagonal GEMMs) equals the multiply-and-sum form the
+    TPU programs keep, for a batch with masked slots and grouped heads."""
+    from jinavlm_jax.model import layers
+    rng = np.random.default_rng(1)
+    for shape, n_in, x_shape in [((64, 3, 16), 1, (2, 5, 64)), ((3, 16, 64), 2, (1, 1, 3, 16))]:
+        kernel = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        perm = tuple(range(n_in, kernel.ndim)) + tuple(range(n_in))
+        for dt in (jnp.float32, jnp.bfloat16):
+            ref = layers.matmul(x, kernel, n_in, dt)
+            out = layers.matmul(x, kernel.transpose(perm), n_in, dt, "out_in")
+            assert out.shape == ref.shape
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    b, s, kv, h, hd = 3, 40, 2, 6, 16
+    q = jnp.asarray(rng.standard_normal((b, 1, h, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, hd)), jnp.bfloat16) for _ in range(2))
+    mask = jnp.asarray(rng.random((b, 1, s)) < 0.6)
+    cpu = layers.attention(q, k, v, mask, jnp.bfloat16, kv_cache=True)
+    with layers.traced_for("tpu"):
+        loops = layers.attention(q, k, v, mask, jnp.bfloat16, kv_cache=True)
+        hlo = jax.jit(lambda *a: layers.attention(*a, jnp.bfloat16, kv_cache=True)).lower(q, k, v, mask).as_text()
+    assert "dot_general" not in hlo  # the TPU program keeps the multiply-and-sum form
+    assert "dot_general" in jax.jit(lambda *a: layers.attention(*a, jnp.bfloat16, kv_cache=True)).lower(
+        q, k, v, mask).as_text()
+    np.testing.assert_allclose(np.asarray(cpu, np.float32), np.asarray(loops, np.float32), rtol=1e-2, atol=1e-2)
+    assert float(jnp.max(jnp.abs(cpu.astype(jnp.float32)))) > 0.1
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_per_head_attention_equals_batched_einsums(dtype):
     """layers.attention on CPU takes `_attention_per_head` (one row's KV head at a time) from

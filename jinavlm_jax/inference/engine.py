@@ -178,7 +178,7 @@ def constrain_state(state: DecodeState) -> DecodeState:
 
 def encode_images(config: JinaVLMConfig, params: InferenceParams, images, image_masks):
     """One image's crops [1, T, 729, 588], [1, T, 729] -> connector features [T, 196, D]."""
-    model = model_for(config, params.quant)
+    model = model_for(config, params)
     return model.apply({"params": params.tree}, images, image_masks, method="encode_images")[0]
 
 
@@ -186,7 +186,7 @@ def prefill(config: JinaVLMConfig, params: InferenceParams, input_ids, attention
             seed, temperature, top_k, top_p) -> Prefix:
     """A left-padded prompt [1, Lp] whose image features [1, Lp, D] are added at feature_pos [1, Lp]
     (negative = none) -> Prefix. The first token is drawn at step 0 of key(seed)."""
-    x = model_for(config, params.quant).apply({"params": params.tree}, input_ids, method="embed_tokens")
+    x = model_for(config, params).apply({"params": params.tree}, input_ids, method="embed_tokens")
     x = merge_image_features(x, features, feature_pos)
     logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
     token = sample(logits, row_keys(seed), 0, temperature, top_k, top_p)
@@ -351,20 +351,21 @@ class Engine:
         (half the bytes of bf16; see `Generator`). decode_block: cache slots per block of the decode
         attention, which reads only the blocks the longest live request has reached
         (`JinaVLMConfig.decode_block`); None: DECODE_BLOCK when a slot holds more than 4 blocks, else
-        0 (one pass over the whole slot).
+        0 (one pass over the whole slot). kernel_layout: how the decoder's kernels are stored
+        (None: output-major on CPU; see `Generator`).
     """
 
     def __init__(self, config: JinaVLMConfig, params, processor, *, max_batch: int = 8, max_model_len: int = 4096,
                  max_images: int = 8, max_queue: int = 256, vision_cache: int = 64, steps_per_call: int = 1,
                  mesh=None, stop_ids: Sequence[int] | None = None, quantize=None, kv_cache_dtype=None,
-                 decode_block: int | None = None):
+                 decode_block: int | None = None, kernel_layout=None):
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch ({max_batch}) and steps_per_call ({steps_per_call}) must be >= 1")
         limit = config.text.max_sequence_length
         if not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context)")
         self.processor, self.mesh = processor, mesh
-        self.params = prepare_params(config, params, mesh, quantize)
+        self.params = prepare_params(config, params, mesh, quantize, kernel_layout)
         self.kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.max_batch, self.max_model_len = int(max_batch), int(max_model_len)
         self.cache_length = cache_slots(self.max_model_len)

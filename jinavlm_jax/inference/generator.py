@@ -134,14 +134,17 @@ class Generator:
     and bucket shapes, so creating several is cheap after the first compile.
     """
 
-    def __init__(self, config: JinaVLMConfig, params, mesh=None, *, quantize=None, kv_cache_dtype=None):
+    def __init__(self, config: JinaVLMConfig, params, mesh=None, *, quantize=None, kv_cache_dtype=None,
+                 kernel_layout=None):
         """quantize: None (the params as they are), "int8" (decoder kernels int8 with per-channel scales,
         activations in the compute dtype; `adapt.quant`) or "int8+vision". kv_cache_dtype: None / "auto"
         (the KV cache in the compute dtype) or "int8" (int8 codes with a float32 scale per token:
-        half a bf16 cache's bytes; `model.layers.QuantizedKV`)."""
+        half a bf16 cache's bytes; `model.layers.QuantizedKV`). kernel_layout: None / "auto" (the
+        decoder's kernels stored output-major on CPU, as the checkpoint elsewhere), "in_out" or "out_in"
+        (`inference.prepare_params`)."""
         self.config = config
         self.mesh = mesh
-        self.params = prepare_params(config, params, mesh, quantize)
+        self.params = prepare_params(config, params, mesh, quantize, kernel_layout)
         self.kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
 
     # -------------------------------------------------------------------------------- generate

@@ -49,20 +49,20 @@ def cache_buffer(kv: jax.Array, kv_cache_dtype: str | None):
     return constrain_cache(quantize_kv(kv) if kv_cache_dtype == "int8" else kv)
 
 
-def model_for(config: JinaVLMConfig, quant=None) -> JinaVLM:
-    """The model in the per-layer layout that InferenceParams hold; with `quant` (`InferenceParams.quant`)
-    the Qwix-wrapped one that applies int8 kernels (`adapt.quant`). Call its methods by name: Qwix
-    wraps the module class."""
-    if quant is None:
-        return JinaVLM(inference_config(config))
+def model_for(config: JinaVLMConfig, params: InferenceParams) -> JinaVLM:
+    """The model in the per-layer layout (and kernel layout) that `params` hold; for quantized params
+    (`InferenceParams.quant`) the Qwix-wrapped one that applies int8 kernels (`adapt.quant`). Call its
+    methods by name: Qwix wraps the module class."""
+    if params.quant is None:
+        return JinaVLM(inference_config(config, params.kernel_layout))
     from ..adapt.quant import quantized_model
-    return quantized_model(inference_config(config), quant)
+    return quantized_model(inference_config(config), params.quant)
 
 
 def prompt_forward(config: JinaVLMConfig, params: InferenceParams, x, attention_mask):
     """Prompt embeddings x [B, L, D] (left padded) -> (last-position logits [B, V] float32, one (k, v)
     [B, L, KV, hd] per layer, positions [B, L])."""
-    model, v = model_for(config, params.quant), {"params": params.tree}
+    model, v = model_for(config, params), {"params": params.tree}
     positions = positions_from_mask(attention_mask)
     h, kvs = model.apply(v, x, positions, prompt_mask(attention_mask), method="decode_hidden")
     logits = model.apply(v, h[:, -1:], method="logits_from_hidden")[:, 0]
@@ -73,7 +73,7 @@ def decode_step(config: JinaVLMConfig, params: InferenceParams, tokens, position
     """One token per row: tokens [B] (negative = none, reads row 0), positions [B], caches one (k, v)
     [B, S, KV, hd] (or QuantizedKV) per layer, kv_valid [B, S] (the slot being written already marked), slot an int or
     [B]. Returns (logits [B, V] float32, updated caches)."""
-    model, v = model_for(config, params.quant), {"params": params.tree}
+    model, v = model_for(config, params), {"params": params.tree}
     x = model.apply(v, jnp.maximum(tokens, 0)[:, None], method="embed_tokens")
     h, caches = model.apply(v, x, positions[:, None], kv_valid[:, None, :], slot, caches,
                             method="decode_hidden")
@@ -86,7 +86,7 @@ def prefill(config: JinaVLMConfig, cache_length: int, params: InferenceParams, i
     """Prompt [B, L] (left padded) with its images -> (last-position logits [B, V], caches of
     `cache_length` slots, kv_valid [B, S], last positions [B]). kv_cache_dtype "int8": the caches are
     QuantizedKV (the prompt itself attends over its float K/V)."""
-    x = model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
+    x = model_for(config, params).apply({"params": params.tree}, input_ids, images, image_masks,
                                               image_input_idx, method="embed_inputs")
     logits, kvs, positions = prompt_forward(config, params, x, attention_mask)
     pad = ((0, 0), (0, cache_length - input_ids.shape[1]), (0, 0), (0, 0))
@@ -103,7 +103,7 @@ def full_logits(config: JinaVLMConfig, params: InferenceParams, input_ids, image
                 image_input_idx=None):
     """Logits [B, L, V] at every position (no cache) from InferenceParams, float or quantized: what
     `convert check-logits` and `benchmarks/bench_quantize.py` compare."""
-    return model_for(config, params.quant).apply({"params": params.tree}, input_ids, images, image_masks,
+    return model_for(config, params).apply({"params": params.tree}, input_ids, images, image_masks,
                                                  image_input_idx)
 
 

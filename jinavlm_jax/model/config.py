@@ -111,6 +111,7 @@ class TextConfig:
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "splash")
+KERNEL_LAYOUTS = ("in_out", "out_in")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ class JinaVLMConfig:
     (N slots per block, online softmax) only up to the longest valid row, skipping the blocks no row
     has reached; 0 attends over the whole cache in one pass. For caches much longer than what they
     hold: the serving engine's slots are `max_model_len` long whatever the requests use.
+    `kernel_layout`: how the text decoder's dense kernels (q/k/v/out, gate/up/down, lm_head) are
+    stored: `in_out` ([in, out], the checkpoint's and training's layout) or `out_in` ([out, in],
+    PyTorch's): the layout `inference.prepare_params` picks on CPU, where XLA's GEMM reads it faster
+    for the few rows of a decode step (`model.layers.matmul`).
     Change them with `dataclasses.replace(cfg, dtype="bfloat16")` or `cfg.replace(...)`.
     """
 
@@ -142,6 +147,7 @@ class JinaVLMConfig:
     attention_impl: str = "xla"
     scan_layers: bool = True
     decode_block: int = 0
+    kernel_layout: str = "in_out"
 
     def __post_init__(self):
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
@@ -150,6 +156,8 @@ class JinaVLMConfig:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ConfigError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}")
         if self.decode_block < 0:
             raise ConfigError(f"decode_block must be >= 0 (0 = the whole cache in one pass), got {self.decode_block}")
         t, v = self.text, self.vision

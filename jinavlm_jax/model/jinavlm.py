@@ -35,7 +35,8 @@ class JinaVLM(nn.Module):
         self.vision = VisionTower(c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.connector = Connector(c.connector, c.vision.patches_per_side, c.text.hidden_size, **kw)
         self.text = TextModel(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl,
-                              scan_layers=c.scan_layers, decode_block=c.decode_block, **kw)
+                              scan_layers=c.scan_layers, decode_block=c.decode_block, kernel_layout=c.kernel_layout,
+                              **kw)
 
     # ---------------------------------------------------------------- vision side
     def vision_features(self, images: jax.Array) -> jax.Array:
@@ -144,6 +145,23 @@ def abstract_params(config: JinaVLMConfig, boxed: bool = False):
     """ShapeDtypeStruct pytree of the params, nothing materialised. boxed=True keeps the logical axes."""
     variables = jax.eval_shape(lambda r: JinaVLM(config).init(r, **dummy_inputs(config)), jax.random.key(0))
     return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def kernel_permutations(config: JinaVLMConfig, kernel_layout: str) -> dict:
+    """For each param of `config` (stored in `config.kernel_layout`): the axes permutation that stores it
+    in `kernel_layout` (`JinaVLMConfig.kernel_layout`), or None where the two layouts agree. Read from
+    the params' logical axis names, so it holds for the scanned and the per-layer layouts alike."""
+    src = abstract_params(config, boxed=True)
+    dst = abstract_params(config.replace(kernel_layout=kernel_layout), boxed=True)
+
+    def perm(a, b):
+        a, b = tuple(getattr(a, "names", ())), tuple(getattr(b, "names", ()))
+        if a == b:
+            return None
+        if len(set(a)) != len(a) or sorted(a, key=str) != sorted(b, key=str):
+            raise ValueError(f"cannot map the axes {a} onto {b}")
+        return tuple(a.index(n) for n in b)
+    return jax.tree_util.tree_map(perm, src, dst, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _is_concrete(x) -> bool:

@@ -51,6 +51,7 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     decode_block: int = 0
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
@@ -61,10 +62,11 @@ class DecoderLayer(nn.Module):
         cached after QK-norm and RoPE (spec 6.5).
         """
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dkw = dict(kw, kernel_layout=self.kernel_layout)
         h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
-        q = Dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", **kw)(h)
-        k = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k", **kw)(h)
-        v = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v", **kw)(h)
+        q = Dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), name="q", **dkw)(h)
+        k = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k", **dkw)(h)
+        v = Dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v", **dkw)(h)
         q = RMSNorm(c.norm_eps, axis_name="head_dim", name="q_norm", **kw)(q)
         k = RMSNorm(c.norm_eps, axis_name="head_dim", name="k_norm", **kw)(k)
         q = constrain(rope(q, positions, c.rope_theta), ("act_batch", "act_length", "act_heads", None))
@@ -77,15 +79,15 @@ class DecoderLayer(nn.Module):
         a = self._attend(q, keys, values, mask, kv_cache is not None)
         a = constrain(a, ("act_batch", "act_length", "act_heads", None))
         x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out",
-                      out_dtype=jnp.float32, **kw)(a)
+                      out_dtype=jnp.float32, **dkw)(a)
         x = constrain(x, ACT)
         h = RMSNorm(c.norm_eps, name="ffn_norm", **kw)(x)
         # The official fused `up` is value rows then gate rows (spec trap 4); we keep them apart so
         # tensor parallelism shards both the same way.
-        up = Dense((c.mlp_size,), ("embed", "mlp"), name="up", **kw)(h)
-        gate = Dense((c.mlp_size,), ("embed", "mlp"), name="gate", **kw)(h)
+        up = Dense((c.mlp_size,), ("embed", "mlp"), name="up", **dkw)(h)
+        gate = Dense((c.mlp_size,), ("embed", "mlp"), name="gate", **dkw)(h)
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", out_dtype=jnp.float32, **kw)(h)
+        x = x + Dense((c.hidden_size,), ("mlp", "embed"), name="down", out_dtype=jnp.float32, **dkw)(h)
         return constrain(x, ACT), (keys, values)
 
     def _attend(self, q, k, v, mask, cached: bool):
@@ -143,6 +145,7 @@ class TextModel(nn.Module):
     attention_impl: str = "xla"
     scan_layers: bool = True
     decode_block: int = 0
+    kernel_layout: str = "in_out"
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -155,13 +158,16 @@ class TextModel(nn.Module):
         if self.scan_layers:
             stack = stack_layers(DecoderLayer, c.n_layers, remat_policy=self.remat_policy,
                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
-            self.layers = stack(c, attention_impl=self.attention_impl, name="layers", **kw)
+            self.layers = stack(c, attention_impl=self.attention_impl, kernel_layout=self.kernel_layout,
+                                name="layers", **kw)
         else:  # params text/layers_0 ... layers_{n-1}: each layer reads its own buffers in place
             layer = remat_layer(DecoderLayer, self.remat_policy)
-            self.layers = [layer(c, attention_impl=self.attention_impl, decode_block=self.decode_block, **kw)
+            self.layers = [layer(c, attention_impl=self.attention_impl, decode_block=self.decode_block,
+                                 kernel_layout=self.kernel_layout, **kw)
                            for _ in range(c.n_layers)]
         self.ln_f = RMSNorm(c.norm_eps, **kw)
-        self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32, **kw)
+        self.lm_head = Dense((c.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32,
+                             kernel_layout=self.kernel_layout, **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token embeddings (float32 residual stream); -1 (padding) reads row 0 like the official model."""
