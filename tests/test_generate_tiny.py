@@ -116,6 +116,20 @@ def test_buckets_bound_the_padding():
     for n in range(1, 6000, 37):
         assert n <= cache_bucket(n) < n + 128 or cache_bucket(n) < 2 * n
         assert n <= prompt_bucket(n) and (prompt_bucket(n) < n + 256 or prompt_bucket(n) <= max(2 * n, 32))
+    assert [prompt_bucket(n, multiple=m) for n, m in ((1832, 1), (1832, 64), (5, 8), (0, 1))] == [1832, 1856, 8, 1]
+
+
+def test_exact_prompt_length_generates_the_same_tokens():
+    """generate(prompt_multiple=1): the prompt is prefilled at its exact length (no bucket padding);
+    the tokens equal the bucketed run's; a bad value is refused by name."""
+    from jinavlm_jax.generate import GenerateError, Generator
+    config = JinaVLMConfig.tiny()
+    gen = Generator(config, init_params(config, 3))
+    batch = tiny_batch(config)  # 24 tokens: bucket 32
+    assert (gen.generate(batch, max_new_tokens=NEW, prompt_multiple=1).tokens
+            == gen.generate(batch, max_new_tokens=NEW).tokens)
+    with pytest.raises(GenerateError, match="prompt_multiple must be"):
+        gen.generate(batch, max_new_tokens=NEW, prompt_multiple=0)
 
 
 def test_blocked_decode_attention_equals_one_pass():

@@ -12,9 +12,12 @@ PROMPT_STEP = 256  # prompt buckets above 1024 tokens: multiples of this (a 1,77
 CACHE_STEP = 128   # KV-cache lengths: multiples of this where that is less than the next power of two
 
 
-def prompt_bucket(n: int, minimum: int = 32) -> int:
+def prompt_bucket(n: int, minimum: int = 32, multiple: int | None = None) -> int:
     """Padded prompt length: a power of two up to 1024, then a multiple of PROMPT_STEP (at most 255
-    padded positions, < 25% above 1024)."""
+    padded positions, < 25% above 1024). `multiple`: the next multiple of it instead (1: the exact
+    length; one compile per distinct length, no padded positions to prefill)."""
+    if multiple is not None:
+        return -(-max(int(n), 1) // multiple) * multiple
     n = max(int(n), minimum)
     return _next_pow2(n) if n <= 1024 else -(-n // PROMPT_STEP) * PROMPT_STEP
 

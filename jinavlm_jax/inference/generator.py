@@ -151,13 +151,16 @@ class Generator:
     def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, sampling: Sampling | None = None,
                  seed: int | Sequence[int] = 0, stop_ids: Sequence[int] = (), tokenizer=None,
                  on_token: Callable[[int, np.ndarray], None] | None = None, cache_length: int | None = None,
-                 crop_multiple: int = CROP_MULTIPLE) -> Generation:
+                 crop_multiple: int = CROP_MULTIPLE, prompt_multiple: int | None = None) -> Generation:
         """Generate for a processor batch (see `generate`)."""
         cfg = self.config
         sampling = sampling or Sampling()
         if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise GenerateError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         max_new_tokens = int(max_new_tokens)
+        if prompt_multiple is not None and (int(prompt_multiple) != prompt_multiple or prompt_multiple < 1):
+            raise GenerateError(f"prompt_multiple must be None (the default buckets) or an integer >= 1, "
+                                f"got {prompt_multiple!r}")
         b = _as_numpy_batch(batch)
         n, length = b["input_ids"].shape
         counts = b["attention_mask"].sum(axis=1)
@@ -181,7 +184,7 @@ class Generator:
                                 f"{limit - longest}")
         b = _left_align(b)
 
-        lp = prompt_bucket(length)
+        lp = prompt_bucket(length, multiple=prompt_multiple)
         need = lp + max_new_tokens
         if cache_length is None:
             cache_length = cache_bucket(need)
@@ -234,7 +237,7 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
              sampling: Sampling | None = None, seed: int | Sequence[int] = 0, stop_ids: Sequence[int] = (),
              mesh=None, tokenizer=None, on_token: Callable[[int, np.ndarray], None] | None = None,
              cache_length: int | None = None, crop_multiple: int = CROP_MULTIPLE, quantize=None,
-             kv_cache_dtype=None) -> Generation:
+             kv_cache_dtype=None, prompt_multiple: int | None = None) -> Generation:
     """Generate continuations for a batch of processor outputs.
 
     batch: `input_ids` [B, L] (-1 = padding; left, right or mixed padding is re-aligned to the left),
@@ -247,6 +250,9 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
     `decode(ids)`, to fill `Generation.texts`. on_token(step, tokens [B]): called once per decode
     step with the new token of every row (-1 for rows that already stopped), for streaming.
     cache_length: KV-cache slots (default: `cache_bucket(padded prompt + max_new_tokens)`).
+    prompt_multiple: None pads the prompt to its bucket (`prompt_bucket`: few compiled shapes); an
+    integer k pads it to the next multiple of k (1: the exact length, e.g. for the lowest time to first
+    token of one long prompt, at one compile per length).
 
     params: the model's param tree (it is re-laid out for decoding on every call; build a `Generator`
     once to serve many requests) or `InferenceParams`. quantize: "int8" runs the decoder with int8
@@ -255,7 +261,8 @@ def generate(config: JinaVLMConfig, params, batch: Mapping[str, Any], *, max_new
     """
     return Generator(config, params, mesh, quantize=quantize, kv_cache_dtype=kv_cache_dtype).generate(
         batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
-        tokenizer=tokenizer, on_token=on_token, cache_length=cache_length, crop_multiple=crop_multiple)
+        tokenizer=tokenizer, on_token=on_token, cache_length=cache_length, crop_multiple=crop_multiple,
+        prompt_multiple=prompt_multiple)
 
 
 
