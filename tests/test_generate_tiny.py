@@ -154,6 +154,33 @@ def test_blocked_decode_attention_equals_one_pass():
     assert np.all(np.isfinite(np.asarray(out)[:2]))
 
 
+def test_flat_float32_cache_attends_like_the_4d_cache():
+    """On CPU the decode loops carry float32 caches of several rows flat ([B, S, KV * hd],
+    `programs.flat_caches`) and attend over them with GEMMs: the same attention as over the 4-D cache
+    (float32, 1e-5), in one pass and in blocks, written like it (`text.write_cache`), and the shapes
+    given back; bf16, one-row and int8 caches stay 4-D."""
+    from jinavlm_jax.inference.programs import flat_caches
+    from jinavlm_jax.model.layers import attention, quantize_kv
+    from jinavlm_jax.model.text import write_cache
+    kq, kk, kv_, kn = jax.random.split(jax.random.key(3), 4)
+    k, v = jax.random.normal(kk, (3, 32, 2, 8)), jax.random.normal(kv_, (3, 32, 2, 8))
+    q = jax.random.normal(kq, (3, 1, 4, 8))
+    new = jax.random.normal(kn, (3, 1, 2, 8))
+    mask = (np.arange(32)[None] < np.array([5, 19, 32])[:, None])[:, None, :]
+    (flat,), shaped = flat_caches(((k, v),))
+    assert flat[0].shape == (3, 32, 16) and shaped((flat,))[0][0].shape == (3, 32, 2, 8)
+    for block in (0, 8):
+        want = attention(q, k, v, mask, jnp.float32, kv_cache=True, decode_block=block)
+        got = attention(q, *flat, mask, jnp.float32, kv_cache=True, decode_block=block)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for index in (4, np.array([4, 18, 31])):
+        np.testing.assert_array_equal(np.asarray(write_cache(flat[0], new, index)).reshape(k.shape),
+                                      np.asarray(write_cache(k, new, index)))
+    for caches in (((k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)),), ((k[:1], v[:1]),),
+                   ((quantize_kv(k), quantize_kv(v)),)):
+        assert flat_caches(caches)[0] is caches
+
+
 def test_out_in_kernel_layout_is_the_same_model():
     """`JinaVLMConfig.kernel_layout="out_in"` (what `prepare_params` picks on CPU): the decoder's
     kernels stored [out, in]. The same init draw transposed, the same logits (float32 rounding of a

@@ -49,7 +49,8 @@ from ..model.layers import QuantizedKV, constrain, dtype_of, quantize_kv
 from .buckets import crop_bucket, prompt_bucket, prompt_buckets
 from .params import InferenceParams, prepare_params
 from .placement import mesh_context, put
-from .programs import CACHE_AXES, constrain_cache, decode_step, model_for, parse_kv_cache_dtype, prompt_forward
+from .programs import (CACHE_AXES, constrain_cache, decode_step, flat_caches, model_for, parse_kv_cache_dtype,
+                       prompt_forward)
 from .sampling import GenerateError, Sampling, row_keys, sample
 
 STATE_AXES = ("cache_batch",)
@@ -230,8 +231,9 @@ def generate(config: JinaVLMConfig, steps_per_call: int, filtered: bool, params:
                          tokens=jnp.where(active, nxt, st.tokens), steps=st.steps + step_on)
         return st, nxt
 
-    state, tokens = jax.lax.scan(one, state, None, length=steps_per_call)
-    return constrain_state(state), tokens
+    caches, shaped = flat_caches(state.caches)
+    state, tokens = jax.lax.scan(one, state._replace(caches=caches), None, length=steps_per_call)
+    return constrain_state(state._replace(caches=shaped(state.caches))), tokens
 
 
 # ------------------------------------------------------------------------------------- host side

@@ -204,7 +204,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     (`_attention_blocks`).
     """
     b, lq, h, hd = q.shape
-    kv = k.shape[2]
+    kv = k.shape[2] if len(k.shape) == 4 else k.shape[2] // hd  # a flat cache [B, S, KV * hd]
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, lq, kv, h // kv, hd)
     if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype, decode_block).reshape(b, lq, h, hd)
@@ -276,42 +276,46 @@ def _attention_one_query(q, k, v, mask, dtype, block: int = 0):
 
 
 def _cache_scores(q, k, dtype) -> jax.Array:
-    """q [B, KV, G, hd] float32 against cached keys [B, S, KV, hd] -> scores [B, S, KV, G] (float32)."""
+    """q [B, KV, G, hd] float32 against cached keys [B, S, KV, hd] (or flat [B, S, KV * hd]) -> scores
+    [B, S, KV, G] (float32)."""
     if isinstance(k, QuantizedKV):
         return jnp.sum(q[:, None] * k.codes.astype(F32)[:, :, :, None, :], axis=-1) * k.scale[:, :, None, None]
-    if _cache_gemm(dtype):
-        b, s, kv, hd = k.shape
+    b, kv, g, hd = q.shape
+    s = k.shape[1]
+    if _cache_gemm(dtype, k):
         s_ = jnp.einsum("bsx,bxy->bsy", k.astype(dtype).reshape(b, s, kv * hd),
                         _block_diagonal(q.astype(dtype)).transpose(0, 2, 1), preferred_element_type=F32)
-        return s_.reshape(b, s, kv, -1)
-    return jnp.sum(q[:, None] * k.astype(dtype).astype(F32)[:, :, :, None, :], axis=-1)
+        return s_.reshape(b, s, kv, g)
+    return jnp.sum(q[:, None] * k.astype(dtype).astype(F32).reshape(b, s, kv, 1, hd), axis=-1)
 
 
 def _cache_weighted(p, v, dtype) -> jax.Array:
     """Weights p [B, S, KV, G] over cached values [B, S, KV, hd] -> [B, KV, G, hd] (float32 sums; float
     weights rounded to the compute dtype like the einsum path's)."""
+    b, s, kv, _ = p.shape
     if isinstance(v, QuantizedKV):
         p, v = p * v.scale[:, :, None, None], v.codes.astype(F32)
-    elif _cache_gemm(dtype):
-        b, s, kv, hd = v.shape
-        o = jnp.einsum("bsy,bsx->byx", p.astype(dtype).reshape(b, s, -1), v.astype(dtype).reshape(b, s, kv * hd),
+    elif _cache_gemm(dtype, v):
+        o = jnp.einsum("bsy,bsx->byx", p.astype(dtype).reshape(b, s, -1), v.astype(dtype).reshape(b, s, -1),
                        preferred_element_type=F32)  # [B, KV*G, KV*hd]
-        return jnp.diagonal(o.reshape(b, kv, -1, kv, hd), axis1=1, axis2=3).transpose(0, 3, 1, 2)
+        return jnp.diagonal(o.reshape(b, kv, -1, kv, o.shape[-1] // kv), axis1=1, axis2=3).transpose(0, 3, 1, 2)
     else:
         p, v = p.astype(dtype).astype(F32), v.astype(dtype).astype(F32)
-    return jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
+    return jnp.sum(p[..., None] * v.reshape(b, s, kv, 1, -1), axis=1)
 
 
-# XLA:CPU, 16-bit compute: the one-query attention as batched GEMMs that read the cache [B, S, KV * hd]
-# in place. Every KV head's queries are laid out block-diagonally ([B, KV * G, KV * hd], zeros
-# elsewhere): one [S, KV * hd] x [KV * hd, KV * G] product per row gives every head's scores, and the
-# weighted sum [KV * G, S] x [S, KV * hd] every head against every head's values, of which the diagonal
-# blocks are kept. KV times the FLOPs, but the cache is read at GEMM speed: full size, bf16, decode step
-# batch 8 627 -> 396 ms, batch 1 268 -> 240 ms. The zeros add exact zeros: the same products and
-# float32 sums. Not for float32: there XLA:CPU copies the loop-carried cache for the f32 GEMM on every
-# step (batch-8 step 550 -> 1316 ms), so float32 keeps the multiply-and-sum loops.
-def _cache_gemm(dtype) -> bool:
-    return jnp.dtype(dtype).itemsize == 2 and target_platform() == "cpu"
+# XLA:CPU: the one-query attention as batched GEMMs that read the cache [B, S, KV * hd] in place. Every
+# KV head's queries are laid out block-diagonally ([B, KV * G, KV * hd], zeros elsewhere): one
+# [S, KV * hd] x [KV * hd, KV * G] product per row gives every head's scores, and the weighted sum
+# [KV * G, S] x [S, KV * hd] every head against every head's values, of which the diagonal blocks are
+# kept. KV times the FLOPs, but the cache is read at GEMM speed: full size, bf16, decode step batch 8
+# 627 -> 396 ms, batch 1 268 -> 240 ms. The zeros add exact zeros: the same products and float32 sums.
+# For 16-bit caches, and for float32 ones carried flat ([B, S, KV * hd], as the decode loops do on
+# CPU: `inference.programs.flat_caches`): reading a [B, S, KV, hd] float32 cache through the reshape, XLA:CPU duplicates the
+# cache's update into the GEMM's operand and copies the loop-carried caches on every step (batch-8
+# step 297 -> 505 ms), so a 4-D float32 cache keeps the multiply-and-sum loops.
+def _cache_gemm(dtype, cache) -> bool:
+    return target_platform() == "cpu" and (jnp.dtype(dtype).itemsize == 2 or len(cache.shape) == 3)
 
 
 def _block_diagonal(q) -> jax.Array:

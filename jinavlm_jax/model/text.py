@@ -109,12 +109,12 @@ class DecoderLayer(nn.Module):
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-    """new [B, L, KV, hd] written into cache [B, S, KV, hd] (or an int8 `QuantizedKV`) at slot `index`: one int for every row
+    """new [B, L, KV, hd] written into cache [B, S, KV, hd] (or flat [B, S, KV * hd], or an int8 `QuantizedKV`) at slot `index`: one int for every row
     (generate's batch, whose rows share one length), or an int array [B] with one slot per row (the
     serving engine's decode slots, each at its own length; slots past S are dropped)."""
     if isinstance(cache, QuantizedKV):  # an int8 cache: the new tokens quantized, codes and scales written
         return QuantizedKV(*(write_cache(c, n, index) for c, n in zip(cache, quantize_kv(new))))
-    new = new.astype(cache.dtype)
+    new = new.astype(cache.dtype).reshape(new.shape[:2] + cache.shape[2:])  # a flat cache: [B, L, KV * hd]
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(cache, new, (0, index) + (0,) * (cache.ndim - 2))
     rows = jnp.arange(cache.shape[0])[:, None]
