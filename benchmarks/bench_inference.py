@@ -169,6 +169,9 @@ def random_tree(shapes, seed: int):
             out.append(jnp.ones(s.shape, s.dtype))
         elif name.endswith("bias"):
             out.append(jnp.zeros(s.shape, s.dtype))
+        elif s.dtype == jnp.uint16:  # a bf16 table stored as its bits (`model.text.table_bits`)
+            out.append(jax.lax.bitcast_convert_type(_normal(jax.random.key(seed * 1000 + i), s.shape, jnp.bfloat16),
+                                                    jnp.uint16))
         else:
             out.append(_normal(jax.random.key(seed * 1000 + i), s.shape, s.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -181,6 +181,34 @@ def test_flat_float32_cache_attends_like_the_4d_cache():
         assert flat_caches(caches)[0] is caches
 
 
+def test_bf16_embedding_tables_stored_as_bits_on_cpu():
+    """A bf16 model's CPU inference layout (out_in) stores the embedding tables as their uint16 bits
+    (`model.text.table_bits`): an exact round trip, an out_in init draws the same table, and the
+    same greedy tokens as the float tables of the in_out layout; float32 tables stay float."""
+    from jinavlm_jax.generate import Generator
+    from jinavlm_jax.inference import inference_config, prepare_params
+
+    config = JinaVLMConfig.tiny().replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = init_params(config, 3)
+    a = prepare_params(config, params, kernel_layout="in_out")
+    b = prepare_params(config, params)
+    for k in ("embedding", "new_embedding"):
+        assert a.tree["text"][k].dtype == jnp.bfloat16 and b.tree["text"][k].dtype == jnp.uint16
+        np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(b.tree["text"][k], jnp.bfloat16)),
+                                      np.asarray(a.tree["text"][k]))
+    back = prepare_params(config, b, kernel_layout="in_out")
+    for x, y in zip(jax.tree_util.tree_leaves(back.tree), jax.tree_util.tree_leaves(a.tree)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    fresh = init_params(inference_config(config, "out_in"), 3)
+    np.testing.assert_array_equal(np.asarray(fresh["text"]["embedding"]), np.asarray(b.tree["text"]["embedding"]))
+    batch = tiny_batch(config)
+    assert Generator(config, a).generate(batch, max_new_tokens=NEW).tokens == \
+        Generator(config, b).generate(batch, max_new_tokens=NEW).tokens
+    f32 = prepare_params(JinaVLMConfig.tiny(), init_params(JinaVLMConfig.tiny(), 3))
+    assert f32.kernel_layout == "out_in" and f32.tree["text"]["embedding"].dtype == jnp.float32
+
+
 def test_out_in_kernel_layout_is_the_same_model():
     """`JinaVLMConfig.kernel_layout="out_in"` (what `prepare_params` picks on CPU): the decoder's
     kernels stored [out, in]. The same init draw transposed, the same logits (float32 rounding of a

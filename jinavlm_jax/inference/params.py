@@ -9,7 +9,8 @@ attention read them in place. `prepare_params` converts the stacked tree once, a
 
 On CPU the decoder's float kernels are also stored output-major (`JinaVLMConfig.kernel_layout`
 "out_in", PyTorch's Linear layout): XLA:CPU's GEMM reads them faster for the few rows of a decode
-step (`model.layers.matmul`). The TPU / GPU programs and int8 params keep the checkpoint's layout.
+step (`model.layers.matmul`), and a 16-bit model's embedding tables as their uint16 bits
+(`model.text.table_bits`). The TPU / GPU programs and int8 params keep the checkpoint's layout.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from ..model import JinaVLMConfig, abstract_params, kernel_permutations
 from ..model.config import KERNEL_LAYOUTS
+from ..model.text import table_bits
 from .sampling import GenerateError
 
 
@@ -82,13 +85,25 @@ def _permute(perms, tree):
 
 def relayout(config: JinaVLMConfig, tree: dict, kernel_layout: str) -> dict:
     """A param tree of `config` (stored in its `kernel_layout`) with the decoder's kernels stored in
-    `kernel_layout` (each changed kernel copied once; the others are the same arrays)."""
+    `kernel_layout` (each changed kernel copied once; the others are the same arrays), and the embedding
+    tables as `kernel_layout` stores them (`model.text.table_bits`)."""
     if kernel_layout == config.kernel_layout:
         return tree
     try:
-        return _permute(kernel_permutations(config, kernel_layout), tree)
+        return table_storage(config, _permute(kernel_permutations(config, kernel_layout), tree), kernel_layout)
     except ValueError as e:
         raise GenerateError(f"params do not match the model config (cannot change their kernel layout): {e}") from None
+
+
+def table_storage(config: JinaVLMConfig, tree: dict, kernel_layout: str) -> dict:
+    """The tree with its embedding tables as their uint16 bits where `kernel_layout` stores them so (a
+    16-bit float model on CPU: `model.text.table_bits`), else as floats of `config.param_dtype`."""
+    bits = table_bits(config.param_dtype, kernel_layout)
+    text = dict(tree["text"])
+    for k in ("embedding", "new_embedding"):
+        if bits != (text[k].dtype == jnp.uint16):
+            text[k] = jax.lax.bitcast_convert_type(text[k], jnp.uint16 if bits else config.param_dtype)
+    return {**tree, "text": text}
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -153,6 +168,7 @@ def prepare_params(config: JinaVLMConfig, params, mesh=None, quantize=None, kern
             n = config.text.n_layers
             perms = {**perms, "text": {**perms["text"], **{f"layers_{i}": None for i in range(n)}}}
             tree = _permute(perms, tree)
+        tree = table_storage(config, tree, layout)
     if quant is not None and (not isinstance(params, InferenceParams) or params.quant is None):
         from ..adapt.quant import quantize_tree
         tree = quantize_tree(inference_config(config), tree, quant)
