@@ -311,9 +311,9 @@ def _cache_weighted(p, v, dtype) -> jax.Array:
 # kept. KV times the FLOPs, but the cache is read at GEMM speed: full size, bf16, decode step batch 8
 # 627 -> 396 ms, batch 1 268 -> 240 ms. The zeros add exact zeros: the same products and float32 sums.
 # For 16-bit caches, and for float32 ones carried flat ([B, S, KV * hd], as the decode loops do on
-# CPU: `inference.programs.flat_caches`): reading a [B, S, KV, hd] float32 cache through the reshape, XLA:CPU duplicates the
-# cache's update into the GEMM's operand and copies the loop-carried caches on every step (batch-8
-# step 297 -> 505 ms), so a 4-D float32 cache keeps the multiply-and-sum loops.
+# CPU: `inference.programs.flat_caches`). Reading a [B, S, KV, hd] float32 cache through the reshape,
+# XLA:CPU duplicates the cache's update into the GEMM's operand and copies the loop-carried caches on
+# every step (batch-8 step 297 -> 505 ms), so a 4-D float32 cache keeps the multiply-and-sum loops.
 def _cache_gemm(dtype, cache) -> bool:
     return target_platform() == "cpu" and (jnp.dtype(dtype).itemsize == 2 or len(cache.shape) == 3)
 

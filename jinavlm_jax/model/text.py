@@ -118,9 +118,10 @@ def table_bits(param_dtype, kernel_layout: str) -> bool:
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-    """new [B, L, KV, hd] written into cache [B, S, KV, hd] (or flat [B, S, KV * hd], or an int8 `QuantizedKV`) at slot `index`: one int for every row
-    (generate's batch, whose rows share one length), or an int array [B] with one slot per row (the
-    serving engine's decode slots, each at its own length; slots past S are dropped)."""
+    """new [B, L, KV, hd] written into cache [B, S, KV, hd] (or flat [B, S, KV * hd], or an int8
+    `QuantizedKV`) at slot `index`: one int for every row (generate's batch, whose rows share one
+    length), or an int array [B] with one slot per row (the serving engine's decode slots, each at its
+    own length; slots past S are dropped)."""
     if isinstance(cache, QuantizedKV):  # an int8 cache: the new tokens quantized, codes and scales written
         return QuantizedKV(*(write_cache(c, n, index) for c, n in zip(cache, quantize_kv(new))))
     new = new.astype(cache.dtype).reshape(new.shape[:2] + cache.shape[2:])  # a flat cache: [B, L, KV * hd]
@@ -158,11 +159,10 @@ class TextModel(nn.Module):
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        init = nn.initializers.normal(1.0)
-        table = self.param_dtype
+        init, table = nn.initializers.normal(1.0), self.param_dtype
         if table_bits(self.param_dtype, self.kernel_layout):  # the same draw, stored as its bits
-            float_init, init, table = init, lambda key, shape, _: jax.lax.bitcast_convert_type(
-                float_init(key, shape, self.param_dtype), jnp.uint16), jnp.uint16
+            draw, table = init, jnp.uint16
+            init = lambda key, shape, _: jax.lax.bitcast_convert_type(draw(key, shape, self.param_dtype), table)
         self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                     (c.vocab_size, c.hidden_size), table)
         self.new_embedding = self.param("new_embedding",
