@@ -153,13 +153,17 @@ def _record(text_q="<|image|>What colour?", image=None):
 
 
 def test_too_long_truncated_with_warning_or_rejected(env):
-    spec = EncodeSpec(**{**env["enc"].__dict__, "seq_len": 100})
-    with pytest.warns(UserWarning, match=r"sample r1: \d+ tokens > data.seq_len=100; truncated"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = EncodeSample(EncodeSpec(**{**env["enc"].__dict__, "seq_len": 4096}))(0, _record())
+    n = int(full["image_input_idx"].max()) - 2     # a cut inside the last crop's image tokens
+    spec = EncodeSpec(**{**env["enc"].__dict__, "seq_len": n})
+    with pytest.warns(UserWarning, match=rf"sample r1: \d+ tokens > data.seq_len={n}; truncated"):
         out = EncodeSample(spec)(0, _record())
-    assert out["truncated"] and len(out["input_ids"]) == 100
-    assert out["image_input_idx"].max() < 100 and (out["image_input_idx"] == -1).any()
+    assert out["truncated"] and len(out["input_ids"]) == n
+    assert out["image_input_idx"].max() < n and (out["image_input_idx"] == -1).any()
     out = EncodeSample(EncodeSpec(**{**spec.__dict__, "too_long": "reject"}))(0, _record())
-    assert out["skip"] == "too_long" and "data.seq_len=100" in out["detail"]
+    assert out["skip"] == "too_long" and f"data.seq_len={n}" in out["detail"]
     out = EncodeSample(EncodeSpec(**{**env["enc"].__dict__, "crops_per_row": 1, "too_long": "reject"}))(0, _record())
     assert out["skip"] == "too_long" and "crops > data.crops_per_row=1" in out["detail"]
     with warnings.catch_warnings():
