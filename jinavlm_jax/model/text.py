@@ -186,9 +186,8 @@ class TextModel(nn.Module):
         """Token embeddings (float32 residual stream); -1 (padding) reads row 0 like the official model."""
         c = self.cfg
         ids = jnp.where(ids < 0, 0, ids)
-        base = jnp.take(self.embedding, jnp.clip(ids, 0, c.vocab_size - 1), axis=0, mode="clip")
-        extra = jnp.take(self.new_embedding, jnp.clip(ids - c.vocab_size, 0, c.additional_vocab_size - 1),
-                         axis=0, mode="clip")
+        base = jnp.take(self.embedding, ids, axis=0, mode="clip")           # ids past the table: its last row
+        extra = jnp.take(self.new_embedding, ids - c.vocab_size, axis=0, mode="clip")  # ids below: its first
         if base.dtype == jnp.uint16:  # the tables' bits (`table_bits`): the rows as floats
             base, extra = (jax.lax.bitcast_convert_type(a, self.param_dtype) for a in (base, extra))
         x = jnp.where((ids >= c.vocab_size)[..., None], extra, base).astype(jnp.float32)
