@@ -352,7 +352,9 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train.py")
     args = ap.parse_args(argv)
     torch.set_num_threads(threads())
-    cfg = load_config(args.recipe, args.overrides)
+    # The demo recipe freezes its pretrained vision tower; the step measured here trains every part
+    # (as the PyTorch step does): the vision group gets a learning rate unless an override sets one.
+    cfg = load_config(args.recipe, ["optimizer.groups.vision.lr=0.002", *args.overrides])
     loss_positions = int(getattr(cfg.run, "loss_positions", 0) or 0)
     specs = size_specs(cfg, args.smoke)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]

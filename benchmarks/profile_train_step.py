@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train.py")
     args = ap.parse_args(argv)
 
-    cfg = load_config(args.recipe, args.overrides)
+    # The demo recipe freezes its pretrained vision tower; the step measured here trains every part
+    # (as the PyTorch step does): the vision group gets a learning rate unless an override sets one.
+    cfg = load_config(args.recipe, ["optimizer.groups.vision.lr=0.002", *args.overrides])
     args.unrolled = args.unrolled or not cfg.model.scan_layers
     base = JinaVLMConfig.tiny()
     base = base.replace(text=base.text.__class__(**{**base.text.__dict__, "vocab_size": args.vocab}))

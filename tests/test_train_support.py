@@ -106,13 +106,15 @@ def make_setup(root: Path) -> dict:
     from jinavlm_jax.data.builder import build_dataset
     from jinavlm_jax.train.config import load_config
     from jinavlm_jax.train.demo import prepare_demo
-    cfg = load_config(DEMO, [f"run.output_dir={root}", "demo.n_train=48", "demo.n_val=8"])
+    cfg = load_config(DEMO, [f"run.output_dir={root}", "demo.n_train=48", "demo.n_val=8", "demo.vision_pretrain_steps=0"])
     prepare_demo(cfg, say=lambda m: None)
     tfds_dir = root / "tfds"
     vqa = build_dataset(root / "raw" / "vqa", "vqa", tfds_dir, verbose=False)
     text = build_dataset(root / "raw" / "text", "text", tfds_dir, verbose=False)
     model = root / "model"
-    overrides = ["demo.enabled=false", f"tokenizer={model}", f"model.config={model}",
+    # Random init with every group trained (the recipe's pretrained, frozen vision tower is tested in test_pretrain.py).
+    overrides = ["demo.enabled=false", f"tokenizer={model}", f"model.config={model}", "model.init=random",
+                 "optimizer.groups.vision.lr=0.002",
                  f"data.sources.vqa.path={vqa}", f"data.sources.text.path={text}",
                  "data.batch_size=4", "data.seq_len=256", "log.every=1", "log.tensorboard=true",
                  "eval.final=false", "checkpoint.export=false", "log.plot=false", "mesh.data=1", "mesh.fsdp=-1"]

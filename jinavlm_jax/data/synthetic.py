@@ -21,7 +21,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,7 +78,19 @@ TRANSLATE = {
     "ar": "ما معنى \"{word}\" باللغة {lang}؟",
 }
 TASKS = ("colour", "shape", "count", "position", "choice")
-TASK_WEIGHTS = (0.22, 0.22, 0.22, 0.22, 0.12)
+TASK_WEIGHTS = {"colour": 0.22, "shape": 0.22, "count": 0.22, "position": 0.22, "choice": 0.12}
+
+
+def task_probabilities(weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Draw probabilities over `TASKS` from {task: weight} (missing tasks weigh 0; normalised)."""
+    weights = TASK_WEIGHTS if weights is None else weights
+    bad = sorted(set(weights) - set(TASKS))
+    if bad:
+        raise ValueError(f"task weights: unknown task(s) {bad} (valid: {list(TASKS)})")
+    p = np.array([float(weights.get(t, 0.0)) for t in TASKS])
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"task weights: need non-negative weights with a positive sum, got {dict(weights)}")
+    return p / p.sum()
 
 
 def _jitter(rgb, rng, amount=18):
@@ -128,12 +140,12 @@ def _position_region(pos: str, r: float, size: int = SIZE):
 
 
 def make_vqa_example(idx: int, rng: np.random.Generator, languages: Sequence[str], size: int = SIZE,
-                     task: str | None = None, lang: str | None = None):
+                     task: str | None = None, lang: str | None = None, task_p: np.ndarray | None = None):
     """One (image, question, answer, meta) sample; shape sizes scale with the image `size`.
     `task` / `lang` force the question type / language (the random draws happen either way, so the
-    stream of a corpus does not depend on them)."""
+    stream of a corpus does not depend on them); `task_p`: `task_probabilities(...)` (default weights)."""
     k = size / SIZE
-    drawn_task = TASKS[int(rng.choice(len(TASKS), p=TASK_WEIGHTS))]
+    drawn_task = TASKS[int(rng.choice(len(TASKS), p=task_probabilities() if task_p is None else task_p))]
     drawn_lang = languages[int(rng.integers(len(languages)))]
     task, lang = task or drawn_task, lang or drawn_lang
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -193,12 +205,15 @@ def text_only_examples(languages: Sequence[str]) -> list[dict]:
 
 def write_synthetic_vqa(out_dir: str | Path, n_train: int = 6000, n_val: int = 300,
                         languages: Sequence[str] = ("en", "de", "zh", "ar"), seed: int = 0,
-                        progress: bool = True, size: int = SIZE) -> dict:
+                        progress: bool = True, size: int = SIZE, task_weights: Mapping[str, float] | None = None
+                        ) -> dict:
     """Write the corpus under `out_dir` (see the module docstring). Returns counts and the baseline.
 
     The held-out split is drawn from the same distribution with a different seed stream; the
     returned `majority_baseline` is the share of the most frequent held-out VQA answer.
+    `task_weights`: {task: weight} for the question types (default `TASK_WEIGHTS`).
     """
+    task_p = task_probabilities(task_weights)
     out = Path(out_dir)
     vqa, text = out / "vqa", out / "text"
     (vqa / "images").mkdir(parents=True, exist_ok=True)
@@ -209,7 +224,7 @@ def write_synthetic_vqa(out_dir: str | Path, n_train: int = 6000, n_val: int = 3
         rng = np.random.default_rng([seed, stream])
         lines = []
         for i in range(n):
-            image, question, answer, meta = make_vqa_example(i, rng, languages, size)
+            image, question, answer, meta = make_vqa_example(i, rng, languages, size, task_p=task_p)
             name = f"images/{split}_{i:06d}.png"
             image.save(vqa / name, optimize=False, compress_level=1)
             lines.append(json.dumps({"id": f"{split}-{i}", "images": [name],

@@ -90,7 +90,8 @@ def _prepare_demo(cfg, verbose: bool) -> None:
     from .setup import maybe_initialize_distributed, sync
     maybe_initialize_distributed(cfg)
     if jax.process_index() == 0:
-        prepare_demo(cfg, (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None))
+        prepare_demo(cfg, (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None),
+                     progress=verbose)
     sync("demo")
 
 

@@ -206,6 +206,11 @@ class DemoConfig:
     n_val: int = 300
     languages: tuple = ("en", "de", "zh", "ar")
     vocab_size: int = 1024
+    # > 0: before the VLM run, train the vision tower + connector this many steps on the images'
+    # labels (shape, colour, count; `train.pretrain`) and save the model's init at `model.init`.
+    vision_pretrain_steps: int = 0
+    # {colour, shape, count, position, choice: weight} of the VQA question types (empty: the corpus default).
+    task_weights: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ Before training, `prepare_demo` makes what the recipe points at, once per output
   the normal source resolution then builds into TFDS array_record datasets;
 * the model directory `tokenizer:` names: a byte-level BPE tokenizer trained on that corpus
   (`data.tokenizer`), a `config.json` (the `tiny` layout, `model.arch` sizes, the tokenizer's
-  vocabulary) and a `preprocessor_config.json` (the `processor:` settings).
+  vocabulary) and a `preprocessor_config.json` (the `processor:` settings);
+* with `demo.vision_pretrain_steps`, the checkpoint `model.init` names: the model's random init with
+  its vision tower + connector pretrained on the training images' labels (`train.pretrain`), as the
+  released model starts from a pretrained SigLIP2.
 
 After training, `demo_report` prints the held-out accuracy against the majority baseline, a few
 predictions, and the command that asks the trained model about an image.
@@ -26,8 +29,9 @@ def raw_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.output_dir) / "raw"
 
 
-def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict:
-    """Write the synthetic corpus, tokenizer and model configs if they are not there yet."""
+def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Write the synthetic corpus, tokenizer and model configs (and the pretrained init) if they are not
+    there yet; `progress`: tqdm bars for the long parts."""
     from ..data.synthetic import corpus_text, write_synthetic_vqa
     from ..data.tokenizer import train_bpe_tokenizer
     from ..model import JinaVLMConfig
@@ -40,8 +44,12 @@ def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict:
         say(f"demo: rendering {cfg.demo.n_train} + {cfg.demo.n_val} synthetic {pre.crop_size}x{pre.crop_size} VQA "
             f"images in {', '.join(cfg.demo.languages)} -> {raw}")
         # Images of exactly one crop: the processor makes one tile + the thumbnail, nothing is resized.
-        info = write_synthetic_vqa(raw, cfg.demo.n_train, cfg.demo.n_val, cfg.demo.languages, seed=cfg.run.seed,
-                                   size=pre.crop_size)
+        try:
+            info = write_synthetic_vqa(raw, cfg.demo.n_train, cfg.demo.n_val, cfg.demo.languages, seed=cfg.run.seed,
+                                       size=pre.crop_size, task_weights=cfg.demo.task_weights or None,
+                                       progress=progress)
+        except ValueError as e:
+            raise TrainConfigError(f"demo.task_weights: {e}") from None
         marker.write_text(json.dumps(info, indent=1, ensure_ascii=False))
     info = json.loads(marker.read_text())
     model_dir = Path(cfg.tokenizer)
@@ -56,7 +64,57 @@ def prepare_demo(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict:
                                    additional_vocab_size=tok["additional_vocab_size"])
         (model_dir / "config.json").write_text(json.dumps(model.replace(text=text).to_hf(), indent=1))
         (model_dir / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=1))
+    if cfg.demo.vision_pretrain_steps > 0:
+        pretrained_init(cfg, pre, say, progress)
     return info
+
+
+# The vision pretraining holds its images' crops in memory (112-pixel crops: 0.3 MB per image), so it
+# reads at most this many of the training images.
+PRETRAIN_IMAGES = 6000
+
+
+# Per-image labels of the synthetic corpus that the vision pretraining predicts (meta key -> values).
+def _labels() -> dict:
+    from ..data.synthetic import COLOURS, COUNTS, SHAPES
+    return {"shape": list(SHAPES), "colour": list(COLOURS), "n": list(COUNTS)}
+
+
+def pretrained_init(cfg: TrainConfig, pre, say: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Write the checkpoint at `model.init` (once): the seeded random init of the model, its vision tower
+    and connector then trained `demo.vision_pretrain_steps` steps on the training images' labels."""
+    import jax
+
+    from ..checkpoint import is_checkpoint, save
+    from ..processing.image import ImageProcessor
+    from .pretrain import pretrain_vision
+    from .setup import build_model_config, resolve_mesh
+    from .step import random_params
+
+    if cfg.model.init == "random":
+        raise TrainConfigError("demo.vision_pretrain_steps: model.init must name the directory for the pretrained "
+                               "init (e.g. '{output_dir}/pretrained'), not 'random'")
+    target = Path(cfg.model.init)
+    if is_checkpoint(target):   # written by an earlier run, or a checkpoint the user points at: used as it is
+        return target
+    if target.exists():
+        raise TrainConfigError(f"model.init: {target} exists and is not a jinavlm-jax checkpoint; the demo's vision "
+                               "pretraining (demo.vision_pretrain_steps) writes its init there: name a new "
+                               "directory, or set demo.vision_pretrain_steps=0 to load model.init as it is")
+    model_cfg = build_model_config(cfg)
+    params = jax.device_get(random_params(model_cfg, resolve_mesh(cfg), cfg.run.seed, cfg.model.pos_embed_init))
+    vqa = raw_dir(cfg) / "vqa"
+    records = [json.loads(line) for line in (vqa / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = records[:PRETRAIN_IMAGES]
+    steps = cfg.demo.vision_pretrain_steps
+    say(f"demo: pretraining the vision tower + connector for {steps} steps on the labels of {len(records)} "
+        f"training images -> {target}")
+    out = pretrain_vision(model_cfg, ImageProcessor(pre), records, _labels(), params, root=vqa, steps=steps,
+                          seed=cfg.run.seed, say=say, progress=progress)
+    params["vision"], params["connector"] = out["vision"], out["connector"]
+    save(target, model_cfg, params,
+         source={"trained_by": "jinavlm_jax.train.pretrain", "steps": steps, "held_out_accuracy": out["accuracy"]})
+    return target
 
 
 def demo_report(cfg: TrainConfig, result, out=sys.stdout) -> None:
