@@ -139,3 +139,20 @@ def test_beam_direct_runner_builds_the_same_records(src, tmp_path):
     for k in a:
         assert a[k]["messages"] == b[k]["messages"]
         assert [x.tobytes() for x in a[k]["images"]] == [x.tobytes() for x in b[k]["images"]]
+
+
+def test_record_order_does_not_depend_on_where_the_data_lives(tmp_path):
+    """TFDS shuffles the built records by their keys: keys relative to the source (not absolute paths)
+    give two copies of one corpus the same record order, so a training run does not depend on its
+    directory."""
+    order = []
+    for where in ("a", "somewhere/else"):
+        d = tmp_path / where / "raw"
+        d.mkdir(parents=True)
+        lines = [{"id": f"s{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                               {"role": "assistant", "content": f"a{i}"}]} for i in range(40)]
+        (d / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        out = build_dataset(d, "order", tmp_path / where / "tfds", verbose=False)
+        src = open_split(out, "train")
+        order.append([src[i]["id"] for i in range(len(src))])
+    assert order[0] == order[1] and sorted(order[0]) != order[0]   # shuffled, and the same way

@@ -67,6 +67,13 @@ class RawItem:
     payload: str     # the JSONL line, or the caption file path
     image: str = ""  # caption samples: the image path
 
+    @property
+    def key(self) -> str:
+        """The TFDS example key: the origin relative to `base_dir` ("train.jsonl:17", "cat.jpg"). TFDS
+        shuffles the built records by their keys, so a key holding the absolute path made the record
+        order (and a training run) depend on where the data lives."""
+        return os.path.relpath(self.origin, self.base_dir)
+
 
 def discover_splits(source: str | Path) -> dict[str, list[RawItem]]:
     """The splits of a source and their raw items (see the module docstring for the layouts)."""
@@ -205,7 +212,7 @@ def make_example(item: RawItem) -> tuple[str, dict]:
     """(key, TFDS example) of one item. Raises DataError (malformed) or BadImage."""
     rid, messages, paths = parse_item(item)
     images = [load_image_bytes(p) for p in paths]
-    return item.origin, {"id": rid, "messages": json.dumps(messages, ensure_ascii=False), "images": images}
+    return item.key, {"id": rid, "messages": json.dumps(messages, ensure_ascii=False), "images": images}
 
 
 def _beam_example(item: RawItem, on_bad_image: str):
