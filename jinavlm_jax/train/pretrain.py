@@ -7,7 +7,7 @@ classification head learns shapes to ~97% in a minute, and a decoder reads such 
 So the demo first trains `vision` + `connector` (the model's own modules and init) with small
 classification heads on the corpus's per-image labels, then trains the VLM from those params.
 
-    params = pretrain_vision(model_cfg, image_processor, records, labels, init_params, steps=3000)
+    out = pretrain_vision(model_cfg, image_processor, records, labels, init, root=vqa_dir, steps=3000)
 
 `records`: corpus rows ({"images": [path], "meta": {...}}); `labels`: meta key -> list of values
 (one softmax head each, e.g. {"shape": ["circle", ...], "n": [1, 2, 3, 4]}). The heads read the
@@ -108,7 +108,7 @@ def pretrain_vision(model_cfg: JinaVLMConfig, image_processor, records: Sequence
     rng = np.random.default_rng(seed)
     bar = tqdm(range(steps), desc="vision pretraining", disable=not progress, leave=False, dynamic_ncols=True)
     for i in bar:
-        idx = rng.integers(0, n_train, batch_size)
+        idx = rng.integers(0, n_train, batch_size)        # never the held-out records (the last ones)
         params, opt_state, loss = step(params, opt_state, images[idx], masks[idx], y[idx])
         if (i + 1) % 100 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -116,7 +116,6 @@ def pretrain_vision(model_cfg: JinaVLMConfig, image_processor, records: Sequence
     hits = sum(np.asarray(correct(params, images[k:k + 100], masks[k:k + 100], y[k:k + 100]))
                for k in range(n_train, len(records), 100))
     acc = {key: float(h) / held_out for key, h in zip(labels, hits)}
-    # (the held-out records were never sampled for training: indices are drawn below n_train)
     say("vision pretraining: held-out " + ", ".join(f"{k} {a:.1%}" for k, a in acc.items()))
     out = jax.tree_util.tree_map(np.asarray, params["vlm"])
     return {"vision": out["vision"], "connector": out["connector"], "accuracy": acc}
