@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_inference import fmt_table, log, matmul_peak  # noqa: E402
-from profile_train_step import synthetic_batch  # noqa: E402
+from profile_train_step import TRAIN_EVERY_PART, synthetic_batch  # noqa: E402
 
 from jinavlm_jax.flops import model_flops  # noqa: E402
 from jinavlm_jax.model import JinaVLMConfig, abstract_params  # noqa: E402
@@ -352,9 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train.py")
     args = ap.parse_args(argv)
     torch.set_num_threads(threads())
-    # The demo recipe freezes its pretrained vision tower; the step measured here trains every part
-    # (as the PyTorch step does): the vision group gets a learning rate unless an override sets one.
-    cfg = load_config(args.recipe, ["optimizer.groups.vision.lr=0.002", *args.overrides])
+    cfg = load_config(args.recipe, [*TRAIN_EVERY_PART, *args.overrides])
     loss_positions = int(getattr(cfg.run, "loss_positions", 0) or 0)
     specs = size_specs(cfg, args.smoke)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]

@@ -11,7 +11,8 @@ train.py) on one device, feeds it one synthetic batch of the recipe's shapes (`-
 `--steps` steps. Then it
 traces `--steps` more with `jax.profiler` and sums the XLA:CPU thunks by the part of the model their
 HLO comes from (the `op_name` metadata: vision / connector / text decoder / loss / optimizer, forward
-or backward) and by kind (matmul, copy or transpose, reduce, other fused loops). Thunks run on
+or backward), by kind (matmul, copy or transpose, reduce, other fused loops) and by op, the same op of
+every layer summed together. Thunks run on
 two threads at once, so their sum exceeds the wall time: compare shares, not totals.
 
 It prints the step time, XLA's FLOP count for the step and the achieved GFLOP/s, the two tables,
@@ -54,6 +55,10 @@ PARTS = (("optimizer", ("optax", "adam", "apply_updates", "clip", "global_norm",
          ("connector", ("connector", "encode_images", "embed_inputs")),
          ("text decoder", ("decode_hidden", "text.decode", "/text/")))
 
+# The demo recipe freezes its pretrained vision tower and connector; the steps measured here train every
+# part (as the PyTorch step does). These overrides come first, so a user's override wins.
+TRAIN_EVERY_PART = ("optimizer.groups.vision.lr=0.002", "optimizer.groups.connector.lr=0.003")
+
 
 def part_of(op_name: str) -> str:
     backward = "transpose(" in op_name
@@ -75,6 +80,14 @@ def kind_of(name: str, hlo_line: str) -> str:
     if name.startswith(("while", "call", "conditional")):
         return "control flow"
     return "other fused loops"
+
+
+def op_group(op_name: str, kind: str) -> str:
+    """An op's name with its layer number and loop plumbing dropped, and its kind: thunks of the same op
+    in every layer sum together (`text.decode/layers_*/mlp/up/dot_general (matmul)`)."""
+    name = re.sub(r"layers_\d+", "layers_*", op_name.removeprefix("jit(train_step)/"))
+    name = re.sub(r"(while/body/|closed_call/|layers_\*\.)", "", name)
+    return f"{name[-110:]} ({kind.split(' ')[0]})"
 
 
 def synthetic_batch(cfg, mc: JinaVLMConfig, rows: int, seq_len: int, seed: int = 0) -> dict:
@@ -132,9 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train.py")
     args = ap.parse_args(argv)
 
-    # The demo recipe freezes its pretrained vision tower; the step measured here trains every part
-    # (as the PyTorch step does): the vision group gets a learning rate unless an override sets one.
-    cfg = load_config(args.recipe, ["optimizer.groups.vision.lr=0.002", *args.overrides])
+    cfg = load_config(args.recipe, [*TRAIN_EVERY_PART, *args.overrides])
     args.unrolled = args.unrolled or not cfg.model.scan_layers
     base = JinaVLMConfig.tiny()
     base = base.replace(text=base.text.__class__(**{**base.text.__dict__, "vocab_size": args.vocab}))
@@ -192,6 +203,15 @@ def main(argv=None) -> int:
         for k, us in sums.most_common():
             print(f"| {k} | {us / 1e3:.1f} | {100 * us / total:.0f}% |")
         print()
+    print("| op (all layers together) | thunks | ms per step | share |\n|---|---|---|---|")
+    by_op, count = collections.Counter(), collections.Counter()
+    for n, us in thunks.items():
+        key = op_group(info[n][1] or n, kind_of(n, info[n][2]))
+        by_op[key] += us
+        count[key] += 1
+    for k, us in by_op.most_common(args.top):
+        print(f"| {k} | {count[k]} | {us / 1e3:.1f} | {100 * us / total:.1f}% |")
+    print()
     print("| thunk | ms per step | HLO shape | from |\n|---|---|---|---|")
     for n, us in thunks.most_common(args.top):
         shape, op, _ = info[n]

@@ -208,6 +208,43 @@ def test_per_head_attention_equals_batched_einsums(dtype):
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_attention_gradients_equal_autodiff(dtype):
+    """Under `layers.batched_attention` (train steps) attention on CPU takes `_attention_train`, whose
+    backward pass is written out (FlashAttention's sum(dO * O) for the softmax's): the same values and
+    the same q / k / v gradients as autodiff of the batched einsums (traced as for TPU), with GQA, a
+    causal + padding mask and a fully masked row, at a length where inference would loop over heads.
+    Tolerance: float32 1e-5 relative to the largest gradient; bfloat16 2^-6 (rounded operands)."""
+    from jinavlm_jax.model import layers
+    rng = np.random.default_rng(1)
+    b, lq, h, kv, hd = 2, 272, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, lq, n, hd)), jnp.float32) for n in (h, kv, kv))
+    w = jnp.asarray(rng.standard_normal((b, lq, h, hd)), jnp.float32)
+    mask = np.tril(np.ones((lq, lq), bool))[None].repeat(b, 0)
+    mask[1, :, :5] = False
+    mask[1, 7] = False  # a row that may attend nowhere
+    dt = jnp.dtype(dtype)
+    # a new function for each trace: JAX caches traces by function, and the choice of path is made
+    # while tracing (outside the cache key)
+    loss = lambda: lambda q, k, v, m: jnp.sum(layers.attention(q, k, v, m, dt).astype(jnp.float32) * w)
+    grad = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1, 2)))
+    autodiff = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1, 2)))
+    for m in (None, jnp.asarray(mask)):
+        with layers.batched_attention():
+            jaxpr = str(jax.make_jaxpr(loss())(q, k, v, m))
+            out, grads = grad(q, k, v, m)
+        assert "while" not in jaxpr and "custom_vjp_call" in jaxpr  # no head loop; the written-out backward
+        with layers.traced_for("tpu"):
+            assert "custom_vjp_call" not in str(jax.make_jaxpr(loss())(q, k, v, m))
+            ref, ref_grads = autodiff(q, k, v, m)
+        tol = 1e-5 if dtype == "float32" else 2 ** -6
+        np.testing.assert_allclose(float(out), float(ref), rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            g, r = np.asarray(g), np.asarray(r)
+            assert np.isfinite(g).all() and np.abs(r).max() > 0.1
+            np.testing.assert_allclose(g, r, rtol=0, atol=tol * np.abs(r).max())
+
+
 @pytest.mark.slow
 def test_bf16_params_and_remat_policies():
     """bf16 params run; every remat policy gives the same loss and gradients as none (fp32, 1e-6)."""

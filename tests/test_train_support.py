@@ -112,9 +112,9 @@ def make_setup(root: Path) -> dict:
     vqa = build_dataset(root / "raw" / "vqa", "vqa", tfds_dir, verbose=False)
     text = build_dataset(root / "raw" / "text", "text", tfds_dir, verbose=False)
     model = root / "model"
-    # Random init with every group trained (the recipe's pretrained, frozen vision tower is tested in test_pretrain.py).
+    # Random init with every group trained (the recipe's pretrained, frozen tower + connector: test_pretrain.py).
     overrides = ["demo.enabled=false", f"tokenizer={model}", f"model.config={model}", "model.init=random",
-                 "optimizer.groups.vision.lr=0.002",
+                 "optimizer.groups.vision.lr=0.002", "optimizer.groups.connector.lr=0.003",
                  f"data.sources.vqa.path={vqa}", f"data.sources.text.path={text}",
                  "data.batch_size=4", "data.seq_len=256", "log.every=1", "log.tensorboard=true",
                  "eval.final=false", "checkpoint.export=false", "log.plot=false", "mesh.data=1", "mesh.fsdp=-1"]

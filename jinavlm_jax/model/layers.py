@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -42,6 +43,14 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype, kerne
     faster when the rows are few (decode steps; bf16 up to 512 rows), the same from 2,048 rows on
     (docs/performance.md, "Kernel layout"). Inference on CPU uses it (`inference.prepare_params`).
 
+    On CPU an "in_out" product over several leading dims ([B, L, in]) takes them as one ([B * L, in];
+    the kernel as it is, which Qwix's interception checks): contracted as 3-D, the backward pass's
+    weight gradients made XLA:CPU write transposed 3-D copies of the activations ([B, L, mlp] ->
+    [mlp, B, L]) in slow strided loops. A
+    SwiGLU MLP's forward + backward, 2 cores: 48.7 -> 19.4 ms at [32, 256, 64 -> 192], 326 -> 232 ms at
+    [2, 512, 1024 -> 3072]; the demo step at 32 x 256 tokens 440 -> 378 ms. Other backends keep the
+    N-d dot (its sharding is the logical axes').
+
     On CPU a 16-bit matrix-vector product (one row: a batch-1 decode step) is computed as a two-row
     matmul (the row and a zero row): XLA:CPU runs a one-row bfloat16 dot by converting the weights to
     float32 (about 1.5 GB/s of weights at full size), two rows by its bfloat16 GEMM (about 12 GB/s).
@@ -64,6 +73,11 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype, kerne
             y = jax.lax.dot_general(w, x.astype(dtype).reshape(m, -1), (((1,), (1,)), ((), ())),
                                     preferred_element_type=F32)
             y = y.T.reshape(rows + out)
+    elif x.ndim - n_contract > 1 and target_platform() == "cpu":  # the rows as one: [rows, *in] x [*in, *out]
+        rows, kc = x.shape[:x.ndim - n_contract], tuple(range(n_contract))
+        y = jax.lax.dot_general(x.astype(dtype).reshape((math.prod(rows),) + inner), kernel,
+                                ((tuple(c + 1 for c in kc), kc), ((), ())), preferred_element_type=F32)
+        y = y.reshape(rows + y.shape[1:])
     else:
         kc = tuple(range(n_contract))
         y = jax.lax.dot_general(x.astype(dtype), kernel, ((xc, kc), ((), ())), preferred_element_type=F32)
@@ -92,6 +106,23 @@ def traced_for(platform: str) -> Iterator[None]:
         yield
     finally:
         _TRACED_FOR.reset(token)
+
+
+_BATCHED_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("jinavlm_batched_attention", default=False)
+
+
+@contextlib.contextmanager
+def batched_attention() -> Iterator[None]:
+    """Trace attention batched over rows and heads inside, however long (train steps: `train.step.loss_sums`).
+    Differentiated, `_attention_per_head`'s loop over heads is a scan whose backward slices and stacks
+    every head's blocks; the scores it keeps out of memory in inference are saved for the backward
+    pass anyway. XLA:CPU, 2 cores: the demo model's step at 32 x 256 tokens with 224-pixel crops 378 ->
+    329 ms, the mid size's (docs/performance.md) 8.5 -> 8.0 s."""
+    token = _BATCHED_ATTENTION.set(True)
+    try:
+        yield
+    finally:
+        _BATCHED_ATTENTION.reset(token)
 
 
 def cast_kernel(kernel, dtype: Dtype):
@@ -209,14 +240,51 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype, decode_block).reshape(b, lq, h, hd)
     k, v = dequantize_kv(k), dequantize_kv(v)
-    if lq * k.shape[1] >= PER_HEAD_SCORES and target_platform() == "cpu":
+    if lq * k.shape[1] >= PER_HEAD_SCORES and target_platform() == "cpu" and not _BATCHED_ATTENTION.get():
         return _attention_per_head(q, k, v, mask, dtype).reshape(b, lq, h, hd)
+    if _BATCHED_ATTENTION.get() and target_platform() == "cpu":
+        o = _attention_train(q, k, v, mask, dtype)
+    else:
+        o = _attention_forward(q, k, v, mask, dtype)[0]
+    return o.reshape(b, lq, h, hd).astype(dtype)
+
+
+def _attention_forward(q, k, v, mask, dtype):
+    """The einsum path: (o [B, Lq, KV, G, hd] float32, (q, k, v, mask, p, o)) for q [B, Lq, KV, G, hd]
+    (scaled), k / v [B, Lk, KV, hd], mask [B, Lq, Lk] or None."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
-    return o.reshape(b, lq, h, hd).astype(dtype)
+    return o, (q, k, v, mask, p, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_train(q, k, v, mask, dtype):
+    """`_attention_forward` with the softmax's backward in FlashAttention's form (train steps on CPU,
+    `batched_attention`): sum_s(dP * P) is taken as sum_d(dO * O), a reduction over head_dim instead
+    of over the keys. Autodiff's form (a multiply-and-reduce over [B, H, Lq, Lk], which XLA:CPU runs
+    at a few GB/s) was the costliest op of the demo step's backward pass."""
+    return _attention_forward(q, k, v, mask, dtype)[0]
+
+
+def _attention_train_bwd(dtype, res, do):
+    q, k, v, mask, p, o = res
+    do_c = do.astype(dtype)
+    dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dtype), do_c, preferred_element_type=F32)
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", do_c, v.astype(dtype), preferred_element_type=F32)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(F32), o)[..., None]
+    ds = p * (dp - delta)
+    if mask is not None:  # a masked score is a constant: no gradient reaches q or k through it
+        ds = jnp.where(mask[:, None, None, :, :], ds, 0.0)
+    ds = ds.astype(dtype)
+    dq = jnp.einsum("bkgqs,bskd->bqkgd", ds, k.astype(dtype), preferred_element_type=F32)
+    dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, q.astype(dtype), preferred_element_type=F32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention_train.defvjp(lambda q, k, v, mask, dtype: _attention_forward(q, k, v, mask, dtype), _attention_train_bwd)
 
 
 PER_HEAD_SCORES = 256 * 256  # Lq x Lk from which XLA:CPU attends one head at a time

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..inference.params import unstack_layers
 from ..model import JinaVLM, JinaVLMConfig
-from ..model.layers import constrain
+from ..model.layers import batched_attention, constrain
 from ..model.text import SegmentMask
 from ..sharding import named, param_shardings, use_mesh
 from .config import POS_EMBED_INITS, TrainConfigError
@@ -117,7 +117,12 @@ def loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs=None, l
 
     A model with unrolled decoder layers (`scan_layers=False`) takes the stacked params of the train
     state: their per-layer slices are taken here, inside the compiled step, so the gradient flows back
-    into the stacked tree."""
+    into the stacked tree. Attention is traced batched (`layers.batched_attention`)."""
+    with batched_attention():
+        return _loss_sums(model, params, batch, loss_chunk, rngs, loss_positions)
+
+
+def _loss_sums(model: JinaVLM, params, batch: dict, loss_chunk: int, rngs, loss_positions: int) -> dict:
     if not model.config.scan_layers and "layers" in params["text"]:
         params = unstack_layers(params, model.config.text.n_layers)
     images = batch.get("images")
