@@ -245,46 +245,60 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if _BATCHED_ATTENTION.get() and target_platform() == "cpu":
         o = _attention_train(q, k, v, mask, dtype)
     else:
-        o = _attention_forward(q, k, v, mask, dtype)[0]
+        o = _attention_forward(q, k, v, mask, dtype)
     return o.reshape(b, lq, h, hd).astype(dtype)
 
 
 def _attention_forward(q, k, v, mask, dtype):
-    """The einsum path: (o [B, Lq, KV, G, hd] float32, (q, k, v, mask, p, o)) for q [B, Lq, KV, G, hd]
-    (scaled), k / v [B, Lk, KV, hd], mask [B, Lq, Lk] or None."""
+    """The einsum path: o [B, Lq, KV, G, hd] float32 for q [B, Lq, KV, G, hd] (scaled), k / v
+    [B, Lk, KV, hd], mask [B, Lq, Lk] or None."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
-    return o, (q, k, v, mask, p, o)
+    return jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_train(q, k, v, mask, dtype):
-    """`_attention_forward` with the softmax's backward in FlashAttention's form (train steps on CPU,
-    `batched_attention`): sum_s(dP * P) is taken as sum_d(dO * O), a reduction over head_dim instead
-    of over the keys. Autodiff's form (a multiply-and-reduce over [B, H, Lq, Lk], which XLA:CPU runs
-    at a few GB/s) was the costliest op of the demo step's backward pass."""
-    return _attention_forward(q, k, v, mask, dtype)[0]
+    """`_attention_forward`'s attention for train steps on CPU (`batched_attention`), heads-major with
+    the softmax's backward in FlashAttention's form. q / k / v are transposed once to [B, KV, G, Lq, hd]
+    / [B, KV, Lk, hd], so every product of the forward and backward passes has its batch dims leading
+    (XLA:CPU transposed the [Lq, Lk] blocks around the einsums otherwise). sum_s(dP * P) is taken as
+    sum_d(dO * O), a reduction over head_dim instead of over the keys: autodiff's form (a
+    multiply-and-reduce over [B, H, Lq, Lk], which XLA:CPU runs at a few GB/s) was the costliest op of
+    the demo step's backward pass."""
+    return _attention_train_fwd(q, k, v, mask, dtype)[0]
+
+
+def _attention_train_fwd(q, k, v, mask, dtype):
+    qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkgqd,bksd->bkgqs", qh.astype(dtype), kh.astype(dtype), preferred_element_type=F32)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    oh = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dtype), vh.astype(dtype), preferred_element_type=F32)
+    return oh.transpose(0, 3, 1, 2, 4), (qh, kh, vh, mask, p, oh)
 
 
 def _attention_train_bwd(dtype, res, do):
-    q, k, v, mask, p, o = res
-    do_c = do.astype(dtype)
-    dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dtype), do_c, preferred_element_type=F32)
-    dp = jnp.einsum("bqkgd,bskd->bkgqs", do_c, v.astype(dtype), preferred_element_type=F32)
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(F32), o)[..., None]
+    qh, kh, vh, mask, p, oh = res
+    doh = do.transpose(0, 2, 3, 1, 4)
+    do_c = doh.astype(dtype)
+    dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dtype), do_c, preferred_element_type=F32)
+    dp = jnp.einsum("bkgqd,bksd->bkgqs", do_c, vh.astype(dtype), preferred_element_type=F32)
+    delta = jnp.sum(doh.astype(F32) * oh, axis=-1, keepdims=True)
     ds = p * (dp - delta)
     if mask is not None:  # a masked score is a constant: no gradient reaches q or k through it
         ds = jnp.where(mask[:, None, None, :, :], ds, 0.0)
     ds = ds.astype(dtype)
-    dq = jnp.einsum("bkgqs,bskd->bqkgd", ds, k.astype(dtype), preferred_element_type=F32)
-    dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, q.astype(dtype), preferred_element_type=F32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kh.astype(dtype), preferred_element_type=F32)
+    dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, qh.astype(dtype), preferred_element_type=F32)
+    return (dq.transpose(0, 3, 1, 2, 4).astype(qh.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype),
+            dv.transpose(0, 2, 1, 3).astype(vh.dtype), None)
 
 
-_attention_train.defvjp(lambda q, k, v, mask, dtype: _attention_forward(q, k, v, mask, dtype), _attention_train_bwd)
+_attention_train.defvjp(_attention_train_fwd, _attention_train_bwd)
 
 
 PER_HEAD_SCORES = 256 * 256  # Lq x Lk from which XLA:CPU attends one head at a time
