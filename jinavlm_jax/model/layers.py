@@ -46,10 +46,9 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype, kerne
     On CPU an "in_out" product over several leading dims ([B, L, in]) takes them as one ([B * L, in];
     the kernel as it is, which Qwix's interception checks): contracted as 3-D, the backward pass's
     weight gradients made XLA:CPU write transposed 3-D copies of the activations ([B, L, mlp] ->
-    [mlp, B, L]) in slow strided loops. A
-    SwiGLU MLP's forward + backward, 2 cores: 48.7 -> 19.4 ms at [32, 256, 64 -> 192], 326 -> 232 ms at
-    [2, 512, 1024 -> 3072]; the demo step at 32 x 256 tokens 440 -> 378 ms. Other backends keep the
-    N-d dot (its sharding is the logical axes').
+    [mlp, B, L]) in slow strided loops. A SwiGLU MLP's forward + backward, 2 cores: 48.7 -> 19.4 ms
+    at [32, 256, 64 -> 192], 326 -> 232 ms at [2, 512, 1024 -> 3072]; the demo step at 32 x 256 tokens
+    440 -> 385-396 ms. Other backends keep the N-d dot (its sharding is the logical axes').
 
     On CPU a 16-bit matrix-vector product (one row: a batch-1 decode step) is computed as a two-row
     matmul (the row and a zero row): XLA:CPU runs a one-row bfloat16 dot by converting the weights to
@@ -59,7 +58,6 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype, kerne
     pad = math.prod(lead) == 1 and jnp.dtype(dtype).itemsize == 2 and target_platform() == "cpu"
     if pad:
         x = jnp.pad(x.reshape((1,) + inner), ((0, 1),) + ((0, 0),) * len(inner))
-    xc = tuple(range(x.ndim - n_contract, x.ndim))
     kernel = cast_kernel(kernel, dtype)
     if kernel_layout == "out_in":  # a 2-D [out, in] kernel against the rows: XLA:CPU's GEMM path
         out = kernel.shape[:kernel.ndim - n_contract]
@@ -73,14 +71,13 @@ def matmul(x: jax.Array, kernel: jax.Array, n_contract: int, dtype: Dtype, kerne
             y = jax.lax.dot_general(w, x.astype(dtype).reshape(m, -1), (((1,), (1,)), ((), ())),
                                     preferred_element_type=F32)
             y = y.T.reshape(rows + out)
-    elif x.ndim - n_contract > 1 and target_platform() == "cpu":  # the rows as one: [rows, *in] x [*in, *out]
-        rows, kc = x.shape[:x.ndim - n_contract], tuple(range(n_contract))
-        y = jax.lax.dot_general(x.astype(dtype).reshape((math.prod(rows),) + inner), kernel,
-                                ((tuple(c + 1 for c in kc), kc), ((), ())), preferred_element_type=F32)
-        y = y.reshape(rows + y.shape[1:])
     else:
-        kc = tuple(range(n_contract))
+        rows = x.shape[:x.ndim - n_contract]
+        if len(rows) > 1 and target_platform() == "cpu":  # the rows as one: [rows, *in] x [*in, *out]
+            x = x.reshape((math.prod(rows),) + inner)
+        xc, kc = tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))
         y = jax.lax.dot_general(x.astype(dtype), kernel, ((xc, kc), ((), ())), preferred_element_type=F32)
+        y = y.reshape(rows + y.shape[x.ndim - n_contract:])
     return y[:1].reshape(lead + y.shape[1:]) if pad else y
 
 
@@ -116,8 +113,9 @@ def batched_attention() -> Iterator[None]:
     """Trace attention batched over rows and heads inside, however long (train steps: `train.step.loss_sums`).
     Differentiated, `_attention_per_head`'s loop over heads is a scan whose backward slices and stacks
     every head's blocks; the scores it keeps out of memory in inference are saved for the backward
-    pass anyway. XLA:CPU, 2 cores: the demo model's step at 32 x 256 tokens with 224-pixel crops 378 ->
-    329 ms, the mid size's (docs/performance.md) 8.5 -> 8.0 s."""
+    pass anyway. The batched attention is `_attention_train` (its backward written out). XLA:CPU, 2
+    cores: the demo model's step at 32 x 256 tokens with 224-pixel crops 385-396 -> 312-326 ms batched,
+    -> 261-263 ms with `_attention_train` (docs/performance.md, "Sixth round")."""
     token = _BATCHED_ATTENTION.set(True)
     try:
         yield
@@ -240,10 +238,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if lq == 1 and kv_cache:
         return _attention_one_query(q, k, v, mask, dtype, decode_block).reshape(b, lq, h, hd)
     k, v = dequantize_kv(k), dequantize_kv(v)
-    if lq * k.shape[1] >= PER_HEAD_SCORES and target_platform() == "cpu" and not _BATCHED_ATTENTION.get():
-        return _attention_per_head(q, k, v, mask, dtype).reshape(b, lq, h, hd)
-    if _BATCHED_ATTENTION.get() and target_platform() == "cpu":
+    cpu = target_platform() == "cpu"
+    if cpu and _BATCHED_ATTENTION.get():
         o = _attention_train(q, k, v, mask, dtype)
+    elif cpu and lq * k.shape[1] >= PER_HEAD_SCORES:
+        return _attention_per_head(q, k, v, mask, dtype).reshape(b, lq, h, hd)
     else:
         o = _attention_forward(q, k, v, mask, dtype)
     return o.reshape(b, lq, h, hd).astype(dtype)
@@ -253,10 +252,16 @@ def _attention_forward(q, k, v, mask, dtype):
     """The einsum path: o [B, Lq, KV, G, hd] float32 for q [B, Lq, KV, G, hd] (scaled), k / v
     [B, Lk, KV, hd], mask [B, Lq, Lk] or None."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype), preferred_element_type=F32)
+    p = _masked_softmax(s, mask)
+    return jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
+
+
+def _masked_softmax(s, mask):
+    """softmax over the keys of scores s [B, KV, G, Lq, Lk] float32 with mask [B, Lq, Lk] (or None); a fully
+    masked row comes out uniform."""
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bkgqs,bskd->bqkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
+    return jax.nn.softmax(s, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -274,9 +279,7 @@ def _attention_train(q, k, v, mask, dtype):
 def _attention_train_fwd(q, k, v, mask, dtype):
     qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     s = jnp.einsum("bkgqd,bksd->bkgqs", qh.astype(dtype), kh.astype(dtype), preferred_element_type=F32)
-    if mask is not None:
-        s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=-1)
+    p = _masked_softmax(s, mask)
     oh = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dtype), vh.astype(dtype), preferred_element_type=F32)
     return oh.transpose(0, 3, 1, 2, 4), (qh, kh, vh, mask, p, oh)
 
