@@ -182,14 +182,16 @@ def test_out_in_matmul_and_bf16_cache_gemm_equal_the_reference():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_per_head_attention_equals_batched_einsums(dtype):
-    """layers.attention on CPU takes `_attention_per_head` (one row's KV head at a time) from
-    PER_HEAD_SCORES = Lq x Lk on: the same attention as the batched einsums, with GQA, a causal +
-    padding mask and a fully masked row (uniform, never NaN). Tolerance: float32 2e-6; bfloat16
+    """layers.attention on CPU takes `_attention_per_head` (one row's KV head at a time, queries in
+    blocks of QUERY_BLOCK: here one full block and a ragged one) from PER_HEAD_SCORES = Lq x Lk on:
+    the same attention as the batched einsums, with GQA, a causal + padding mask and a fully masked
+    row (uniform, never NaN). With `causal=True` the first block of queries reads only its own keys;
+    the queries that may attend somewhere come out the same. Tolerance: float32 2e-6; bfloat16
     2^-7, bf16's epsilon (the normalisation moves after the rounded second product)."""
     from jinavlm_jax.model import layers
     rng = np.random.default_rng(0)
     b, lq, h, kv, hd = 2, 272, 4, 2, 16
-    assert lq * lq >= layers.PER_HEAD_SCORES
+    assert lq * lq >= layers.PER_HEAD_SCORES and layers.QUERY_BLOCK == 256
     q, k, v = (jnp.asarray(rng.standard_normal((b, lq, n, hd)), jnp.float32) for n in (h, kv, kv))
     mask = np.tril(np.ones((lq, lq), bool))[None].repeat(b, 0)
     mask[1, :, :5] = False
@@ -206,6 +208,14 @@ def test_per_head_attention_equals_batched_einsums(dtype):
         assert np.isfinite(out).all()
         tol = 2e-6 if dtype == "float32" else 2 ** -7
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+    causal = jax.jit(lambda *a: layers.attention(*a, dt, causal=True))
+    first_block = "tensor<2x256x256xf32>"  # [G, Bq, keys] scores of the first block: its own keys only
+    assert first_block in causal.lower(q, k, v, m).as_text()
+    assert first_block not in fast.lower(q, k, v, m).as_text()
+    out = np.asarray(causal(q, k, v, m).astype(jnp.float32))
+    assert np.isfinite(out).all()
+    some = mask.any(-1)  # [B, Lq] queries with a key to attend to
+    np.testing.assert_allclose(out[some], ref[some], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -220,7 +220,7 @@ class RMSNorm(_Norm):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Dtype,
-              kv_cache: bool = False, decode_block: int = 0) -> jax.Array:
+              kv_cache: bool = False, decode_block: int = 0, causal: bool = False) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
     q [B, Lq, H, hd], k/v [B, Lk, KV, hd], mask [B, Lq, Lk] bool (True = may attend) or None.
@@ -230,7 +230,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     cache, read in place by one query (`_attention_one_query`); other single queries (the
     connector's pooling over 4 keys) take the matmul path, which XLA:CPU runs ~7x faster there.
     `decode_block` > 0 (with `kv_cache`): attend block by block up to the longest valid row
-    (`_attention_blocks`).
+    (`_attention_blocks`). `causal`: the mask allows no key after its query (a prompt's self-attention,
+    `text.CausalMask`); CPU inference then skips the keys past each block of queries.
     """
     b, lq, h, hd = q.shape
     kv = k.shape[2] if len(k.shape) == 4 else k.shape[2] // hd  # a flat cache [B, S, KV * hd]
@@ -242,7 +243,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if cpu and _BATCHED_ATTENTION.get():
         o = _attention_train(q, k, v, mask, dtype)
     elif cpu and lq * k.shape[1] >= PER_HEAD_SCORES:
-        return _attention_per_head(q, k, v, mask, dtype).reshape(b, lq, h, hd)
+        return _attention_per_head(q, k, v, mask, dtype, causal and lq == k.shape[1]).reshape(b, lq, h, hd)
     else:
         o = _attention_forward(q, k, v, mask, dtype)
     return o.reshape(b, lq, h, hd).astype(dtype)
@@ -305,29 +306,44 @@ _attention_train.defvjp(_attention_train_fwd, _attention_train_bwd)
 
 
 PER_HEAD_SCORES = 256 * 256  # Lq x Lk from which XLA:CPU attends one head at a time
+QUERY_BLOCK = 256  # queries per block of `_attention_per_head` (measured: docs/performance.md)
 
 
-def _attention_per_head(q, k, v, mask, dtype) -> jax.Array:
-    """The einsum path's attention for XLA:CPU, one row's KV head at a time (`lax.map`).
+def _attention_per_head(q, k, v, mask, dtype, causal: bool = False) -> jax.Array:
+    """The einsum path's attention for XLA:CPU, one row's KV head at a time (`lax.map`), its queries
+    in blocks of `QUERY_BLOCK`.
 
     q [B, Lq, KV, G, hd] (scaled), k / v [B, Lk, KV, hd], mask [B, Lq, Lk] or None. Batched over every
     row and head, XLA:CPU writes the [B, H, Lq, Lk] float32 scores to memory and reads them back in
-    each pass of the softmax and in the transposes around the second product; one head's [G, Lq, Lk]
+    each pass of the softmax and in the transposes around the second product; one head's [G, 256, Lk]
     block stays in the cache. The softmax's division comes after the second product (on [Lq, hd],
-    not [Lq, Lk]). The ViT's 13 crops x 16 heads of 729 x 729, float32, 2 cores: 1145 -> 356 ms per
-    block (torch's SDPA: 290 ms).
+    not [Lq, Lk]). `causal` (Lq == Lk, the mask allows no key after its query): a block of queries
+    reads only the keys up to its last query, about half the products of a long prompt. A query
+    whose keys are all masked (a left-padded prompt's padding) attends uniformly to the keys its block
+    reads. One ViT block's attention over 13 crops x 16 heads of 729 x 729, float32, 2 cores: 1145 ->
+    356 ms per block one head at a time (torch's SDPA: 290 ms); the decoder's at 2,048 / 4,096 causal
+    prompt tokens: 284 -> 128 / 1118 -> 450 ms per layer with query blocks and the causal skip.
     """
     b, lq, kv, g, hd = q.shape
     lk = k.shape[1]
 
-    def head(a):  # one row's KV head: q [G, Lq, hd], k / v [Lk, hd]
-        qh, kh, vh, i = a
+    def block(qh, kh, vh, m):  # q [G, Bq, hd], k / v [S, hd], m [Bq, S] or None
         s = jnp.einsum("gqd,sd->gqs", qh.astype(dtype), kh.astype(dtype), preferred_element_type=F32)
-        if mask is not None:
-            s = jnp.where(mask[i // kv][None], s, jnp.finfo(F32).min)
+        if m is not None:
+            s = jnp.where(m[None], s, jnp.finfo(F32).min)
         p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         o = jnp.einsum("gqs,sd->gqd", p.astype(dtype), vh.astype(dtype), preferred_element_type=F32)
         return o / jnp.sum(p, axis=-1, keepdims=True)
+
+    def head(a):  # one row's KV head: q [G, Lq, hd], k / v [Lk, hd]
+        qh, kh, vh, i = a
+        m = None if mask is None else mask[i // kv]
+        out = []
+        for lo in range(0, lq, QUERY_BLOCK):
+            hi = min(lo + QUERY_BLOCK, lq)
+            end = hi if causal else lk
+            out.append(block(qh[:, lo:hi], kh[:end], vh[:end], None if m is None else m[lo:hi, :end]))
+        return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
     heads = (q.transpose(0, 2, 3, 1, 4).reshape(b * kv, g, lq, hd), k.transpose(0, 2, 1, 3).reshape(b * kv, lk, hd),
              v.transpose(0, 2, 1, 3).reshape(b * kv, lk, hd), jnp.arange(b * kv))

@@ -43,6 +43,14 @@ class SegmentMask(NamedTuple):
         return causal[None] & same & (seg[:, None, :] > 0)
 
 
+class CausalMask(NamedTuple):
+    """A dense [B, L, L] self-attention mask that allows no key after its query (`SegmentMask.dense()`,
+    what `TextModel.decode` hands its layers): CPU attention then skips the keys past each block of
+    queries (`layers.attention(causal=True)`)."""
+
+    dense: jax.Array
+
+
 class DecoderLayer(nn.Module):
     """x += Out(Attn(RoPE(QKNorm(QKV(RMS(x)))))); x += Down(silu(Gate(RMS(x))) * Up(RMS(x)))."""
 
@@ -99,13 +107,16 @@ class DecoderLayer(nn.Module):
             if self.attention_impl == "splash":
                 from .splash import splash_attention
                 return splash_attention(q, k, v, mask.segment_ids, causal=True, dtype=self.dtype)
-            mask = mask.dense()
+            mask = CausalMask(mask.dense())
+        causal = isinstance(mask, CausalMask)
+        if causal:
+            mask = mask.dense
         elif self.attention_impl == "splash" and not cached:
             raise ValueError("attention_impl='splash' needs the attention mask as "
                              "text.SegmentMask(segment_ids [B, L]), not a dense [B, L, S] mask: pass "
                              "SegmentMask(attention_mask.astype(jnp.int32)) for left-padded prompts, or "
                              "the batch's segment_ids for packed rows")
-        return attention(q, k, v, mask, self.dtype, kv_cache=cached, decode_block=self.decode_block)
+        return attention(q, k, v, mask, self.dtype, kv_cache=cached, decode_block=self.decode_block, causal=causal)
 
 
 def table_bits(param_dtype, kernel_layout: str) -> bool:
@@ -202,7 +213,7 @@ class TextModel(nn.Module):
         per layer): the prompt's K/V, or the updated caches.
         """
         if isinstance(mask, SegmentMask) and self.attention_impl != "splash" and kv_cache is None:
-            mask = mask.dense()  # once for all layers, not inside the scanned body
+            mask = CausalMask(mask.dense())  # once for all layers, not inside the scanned body
         if self.scan_layers:
             if kv_cache is not None:
                 raise ValueError("decoding with a KV cache needs the per-layer layout: "
