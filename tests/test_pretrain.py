@@ -93,3 +93,21 @@ def test_task_weights_shape_the_corpus_and_bad_ones_are_named(tmp_path):
     for bad, msg in (({"hexagon": 1.0}, "unknown task"), ({"shape": -1.0}, "non-negative"), ({}, "positive sum")):
         with pytest.raises(ValueError, match=msg):
             task_probabilities(bad)
+
+
+def test_demo_report_states_the_whole_runs_wall_time(tmp_path):
+    """The demo's summary line gives the training loop's time and, when the CLI passes it, the whole
+    run's (corpus, tokenizer and vision pretraining included: the figure the README quotes)."""
+    import io
+    from jinavlm_jax.train.config import RECIPES, load_config
+    from jinavlm_jax.train.demo import demo_report
+    from jinavlm_jax.train.loop import TrainResult
+    cfg = load_config(RECIPES / "demo.yaml", [f"run.output_dir={tmp_path}"])
+    result = TrainResult(steps=9000, output_dir=tmp_path, wall_time_s=330.0)
+    out = io.StringIO()
+    demo_report(cfg, result, out=out, total_s=420.0)
+    assert "== jina-vlm demo: 9000 steps in 5.5 min; 7.0 min in all, with the corpus, tokenizer and vision " \
+           "pretraining ==" in out.getvalue()
+    out = io.StringIO()
+    demo_report(cfg, result, out=out)
+    assert "== jina-vlm demo: 9000 steps in 5.5 min ==" in out.getvalue()

@@ -180,7 +180,12 @@ def test_unrolled_decoder_step_equals_scanned(env):
         assert float(m["grad_norm"]) == pytest.approx(env["metrics"][i]["grad_norm"], rel=1e-4)
     got = jax.device_get(state["params"])
     assert got["text"]["layers"]["q"]["kernel"].shape[0] == mc.text.n_layers  # still stacked
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(env["after"][1])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(env["after"][1])):
+        if jax.tree_util.keystr(path) == "['connector']['k']['bias']":
+            # A bias added to every key shifts all of a query's scores alike, which the softmax ignores:
+            # its gradient is rounding noise, which Adam turns into noise-sized steps in either program.
+            assert np.abs(a).max() < 1e-5 and np.abs(b).max() < 1e-5
+            continue
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

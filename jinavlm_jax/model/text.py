@@ -63,8 +63,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, kv_cache):
-        """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool or a SegmentMask
-        (no cache); kv_cache None or (k, v) [B, S, KV, hd], written at `cache_index` (see write_cache).
+        """x [B, L, D] float32 residual stream; positions [B, L]; mask [B, L, S] bool, or a SegmentMask
+        or CausalMask (no cache); kv_cache None or (k, v) [B, S, KV, hd], written at `cache_index` (see write_cache).
 
         Returns (x, (k, v)): the K/V of these L tokens (no cache) or the updated cache. K/V are
         cached after QK-norm and RoPE (spec 6.5).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from ..command import Command, run_cli
 from .config import RECIPES, TrainConfigError
@@ -72,12 +73,13 @@ def run(ns: argparse.Namespace) -> int:
         _cpu_devices_flag()
 
     from .loop import run_training
+    t_start = time.time()
     if cfg.demo.enabled:
         _prepare_demo(cfg, verbose=not ns.quiet)
     result = run_training(cfg, verbose=not ns.quiet)
     if cfg.demo.enabled:
         from .demo import demo_report
-        demo_report(cfg, result)
+        demo_report(cfg, result, total_s=time.time() - t_start)
     else:
         _summary(result)
     return 0

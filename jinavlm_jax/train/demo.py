@@ -117,12 +117,14 @@ def pretrained_init(cfg: TrainConfig, pre, say: Callable[[str], None] = print, p
     return target
 
 
-def demo_report(cfg: TrainConfig, result, out=sys.stdout) -> None:
-    """Print accuracy vs. majority baseline, some predictions and the `jinavlm generate` command."""
+def demo_report(cfg: TrainConfig, result, out=sys.stdout, total_s: float | None = None) -> None:
+    """Print accuracy vs. majority baseline, some predictions and the `jinavlm generate` command.
+    `total_s`: the whole run's wall time, the corpus, tokenizer and vision pretraining included."""
     rep = result.generation
     p = lambda s="": print(s, file=out)
     p()
-    p(f"== jina-vlm demo: {result.steps} steps in {result.wall_time_s / 60:.1f} min ==")
+    whole = "" if total_s is None else f"; {total_s / 60:.1f} min in all, with the corpus, tokenizer and vision pretraining"
+    p(f"== jina-vlm demo: {result.steps} steps in {result.wall_time_s / 60:.1f} min{whole} ==")
     if rep is not None:
         vqa = rep.per_source.get("vqa", {"accuracy": rep.accuracy, "majority_baseline": rep.majority_baseline,
                                          "majority_answer": rep.majority_answer, "n": rep.n})
