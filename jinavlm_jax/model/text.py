@@ -100,6 +100,7 @@ class DecoderLayer(nn.Module):
 
     def _attend(self, q, k, v, mask, cached: bool):
         """The XLA path, or the splash kernel for a full sequence with a SegmentMask."""
+        causal = isinstance(mask, (SegmentMask, CausalMask))  # no key after its query
         if isinstance(mask, SegmentMask):
             if cached:
                 raise ValueError("a SegmentMask describes a full sequence; a decode step over a KV cache "
@@ -107,9 +108,8 @@ class DecoderLayer(nn.Module):
             if self.attention_impl == "splash":
                 from .splash import splash_attention
                 return splash_attention(q, k, v, mask.segment_ids, causal=True, dtype=self.dtype)
-            mask = CausalMask(mask.dense())
-        causal = isinstance(mask, CausalMask)
-        if causal:
+            mask = mask.dense()
+        elif isinstance(mask, CausalMask):
             mask = mask.dense
         elif self.attention_impl == "splash" and not cached:
             raise ValueError("attention_impl='splash' needs the attention mask as "
