@@ -31,6 +31,10 @@ achieved GFLOP/s is set against the machine's float32 matmul peak (`bench_infere
 best of JAX and torch, at the start and the end). Sanity: each side's first loss must be near
 ln(vocab) and its loss must fall over the steps on the repeated batch (printed per row).
 Progress goes to stderr, the table to stdout.
+
+Run as a script, it first re-executes itself with glibc's malloc on transparent huge pages
+(`jinavlm_jax.hostmem`, as `python train.py` does; the machine line says whether it is on); both
+sides run in that one process. `JINAVLM_HUGEPAGES=0` measures without it.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ from bench_inference import fmt_table, log, matmul_peak  # noqa: E402
 from profile_train_step import TRAIN_EVERY_PART, synthetic_batch  # noqa: E402
 
 from jinavlm_jax.flops import model_flops  # noqa: E402
+from jinavlm_jax.hostmem import status as malloc_status, with_huge_pages  # noqa: E402
 from jinavlm_jax.model import JinaVLMConfig, abstract_params  # noqa: E402
 from jinavlm_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from jinavlm_jax.train.config import load_config  # noqa: E402
@@ -418,7 +423,7 @@ def main(argv=None) -> int:
     cmd = " ".join(["python3", "benchmarks/bench_train.py"] + (list(argv) if argv is not None else sys.argv[1:]))
     text = (f"Machine: {cpu_info()}; float32 matmul peak (2048 x 2048 x 4096, best of start and end) "
             f"{peak['peak']:.0f} GFLOP/s (jax {peak['jax']:.0f}, torch {peak['torch']:.0f}); load average "
-            f"{load0:.1f} at the start, {load1:.1f} at the end.\n\n"
+            f"{load0:.1f} at the start, {load1:.1f} at the end; {malloc_status()}.\n\n"
             f"{fmt_table(rows_out, header)}\n\n"
             "Model GFLOP/s: `flops.model_flops(train=True)` / median step time, the same count for both sides "
             "(the as-the-recipe-runs-it row counts its LM head at its loss positions only). Ratio: PyTorch "
@@ -432,4 +437,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    with_huge_pages()  # re-executes with glibc.malloc.hugetlb=1 where that helps (jinavlm_jax.hostmem)
     sys.exit(main())

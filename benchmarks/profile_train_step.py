@@ -17,7 +17,8 @@ two threads at once, so their sum exceeds the wall time: compare shares, not tot
 
 It prints the step time, XLA's FLOP count for the step and the achieved GFLOP/s, the two tables,
 and the `--top` most expensive thunks with the HLO shape and the op they come from. `--unrolled`
-builds the decoder without `nn.scan` (`scan_layers=False`) for comparison.
+builds the decoder without `nn.scan` (`scan_layers=False`) for comparison. Like `python train.py`, it
+runs with glibc's malloc on transparent huge pages (`jinavlm_jax.hostmem`; `JINAVLM_HUGEPAGES=0`: off).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from jinavlm_jax.efficiency import xla_flops  # noqa: E402
+from jinavlm_jax.hostmem import status as malloc_status, with_huge_pages  # noqa: E402
 from jinavlm_jax.model import JinaVLMConfig, abstract_params  # noqa: E402
 from jinavlm_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from jinavlm_jax.train.config import load_config  # noqa: E402
@@ -182,7 +184,8 @@ def main(argv=None) -> int:
     flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
     print(f"train step: {rows} rows x {seq_len} tokens, {cfg.data.crops_per_row} crops per row, decoder "
-          f"{'unrolled' if args.unrolled else 'scanned'}; {os.cpu_count()} cores ({isa}); jax {jax.__version__}")
+          f"{'unrolled' if args.unrolled else 'scanned'}; {os.cpu_count()} cores ({isa}); jax {jax.__version__}; "
+          f"{malloc_status()}")
     print(f"first call (compile + run) {first:.1f} s; step median {1e3 * step_s:.0f} ms (min {1e3 * min(times):.0f}); "
           f"XLA FLOPs {flops / 1e9:.2f} G = {flops / step_s / 1e9:.1f} GFLOP/s achieved; "
           f"{rows * seq_len / step_s:,.0f} tokens/s\n")
@@ -220,4 +223,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    with_huge_pages()  # re-executes with glibc.malloc.hugetlb=1 where that helps (jinavlm_jax.hostmem)
     sys.exit(main())

@@ -461,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run a subcommand through the shared error path (`command.guarded`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    own = argv is None
+    argv = list(sys.argv[1:] if own else argv)
     if argv and argv[0] in COMMANDS:
-        return run_cli(COMMANDS[argv[0]], argv[1:], f"jinavlm {argv[0]}")
+        return run_cli(COMMANDS[argv[0]], argv[1:], f"jinavlm {argv[0]}", own_process=own)
     build_parser().parse_args(argv)   # no or an unknown subcommand: usage / --help, exit 2 or 0
     return 2
 

@@ -26,7 +26,9 @@ class Command:
     """A subcommand: its name, one-line help, argument setup and entry point (returns the exit code).
 
     `intermixed`: options and positionals may interleave (e.g. `key=value` overrides after options);
-    `description` / `epilog`: longer help text; `interrupted`: what to add to the Ctrl-C message.
+    `description` / `epilog`: longer help text; `interrupted`: what to add to the Ctrl-C message;
+    `huge_pages`: run from the process's own command line, the program first re-executes itself with
+    malloc's huge pages on (`hostmem.with_huge_pages`: XLA:CPU train steps allocate gigabytes per call).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Command:
     description: str | None = None
     epilog: str | None = None
     interrupted: str = ""
+    huge_pages: bool = False
 
 
 def make_parser(command: Command, prog: str) -> argparse.ArgumentParser:
@@ -72,8 +75,13 @@ def guarded(prog: str, fn: Callable[[], int | None], interrupted: str = "") -> i
         return int(status)
 
 
-def run_cli(command: Command, argv: Sequence[str] | None, prog: str) -> int:
-    """Parse `argv` (default: sys.argv[1:]) and run `command` under the program name `prog`."""
+def run_cli(command: Command, argv: Sequence[str] | None, prog: str, own_process: bool | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]) and run `command` under the program name `prog`.
+    `own_process` (default: `argv` is None): these are the process's own arguments, so process-wide
+    set-up may run first (`Command.huge_pages`); in-process callers (tests) never re-execute."""
+    if (argv is None if own_process is None else own_process) and command.huge_pages:
+        from .hostmem import with_huge_pages
+        with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(command, make_parser(command, prog), argv)
     return guarded(prog, lambda: command.run(args), command.interrupted)

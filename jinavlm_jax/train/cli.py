@@ -110,7 +110,8 @@ def _summary(result) -> None:
 
 # The recipe and its overrides may come before or after the options: intermixed parsing.
 COMMAND = Command("train", "train jina-vlm from a YAML recipe (no recipe: the CPU demo)", configure, run,
-                  intermixed=True, description="Train jina-vlm from a YAML recipe.", epilog=EPILOG)
+                  intermixed=True, description="Train jina-vlm from a YAML recipe.", epilog=EPILOG,
+                  huge_pages=True)
 
 
 def main(argv: list[str] | None = None) -> int:

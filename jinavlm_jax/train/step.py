@@ -231,10 +231,13 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
     def join(trained, frozen):
         return jax.tree_util.tree_map(lambda t, a, b: a if t else b, trainable, trained, frozen)
 
-    def micro_loss(trained, frozen, mb, key):
+    def micro_loss(trained, frozen, mb, key, denom):
+        # Differentiated: the loss sum over `denom`, the whole batch's weight, so the gradients come
+        # out normalised (a scalar at the loss's end of the backward pass) and no pass over every
+        # gradient divides them; the clip's select then reads one gradient array, not two.
         rngs = {"dropout": key} if dropout else None
         sums = loss_sums(model, join(trained, frozen), mb, loss_chunk, rngs, loss_positions)
-        return sums["loss_sum"], sums
+        return sums["loss_sum"] / denom, sums
 
     value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -242,17 +245,18 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
         # A zero gradient; float also for an int8 (QLoRA) base leaf, so gradient clipping can scale it.
         return jnp.zeros_like(p, None if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32)
 
-    def grad_fn(params, mb, key):
+    def grad_fn(params, mb, key, denom):
         trained, frozen = split(params)
-        (loss, sums), g = value_and_grad(trained, frozen, mb, key)
+        (loss, sums), g = value_and_grad(trained, frozen, mb, key, denom)
         # Zeros for the frozen params: the optimizer (set_to_zero, no state) takes the whole tree.
         return (loss, sums), join(g, jax.tree_util.tree_map(lambda t, p: None if t else zero(p), trainable, params))
 
     def train_step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        denom = jnp.maximum(batch["weights"].astype(jnp.float32).sum(), 1.0)   # = sums["tokens"], >= 1
         if grad_accum == 1:
-            (_, sums), grads = grad_fn(params, batch, key)
+            (_, sums), grads = grad_fn(params, batch, key, denom)
         else:
             def split(x):
                 # Row r of micro-batch a is row r * grad_accum + a: every micro-batch keeps the
@@ -264,15 +268,13 @@ def make_steps(model_cfg: JinaVLMConfig, tx: optax.GradientTransformation, group
             def body(carry, xs):
                 g_acc, s_acc = carry
                 mb, i = xs
-                (_, sums), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+                (_, sums), g = grad_fn(params, mb, jax.random.fold_in(key, i), denom)
                 return (jax.tree_util.tree_map(jnp.add, g_acc, g),
                         jax.tree_util.tree_map(jnp.add, s_acc, sums)), None
 
             zeros = jax.tree_util.tree_map(zero, params)
             zs = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "tokens")}
             (grads, sums), _ = jax.lax.scan(body, (zeros, zs), (mbs, jnp.arange(grad_accum)))
-        denom = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree_util.tree_map(lambda g, t: g / denom if t else jnp.zeros_like(g), grads, trainable)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
