@@ -66,6 +66,8 @@ def reason_not(environ=None, glibc=None, mode=None) -> str | None:
         return f"GLIBC_TUNABLES already sets {TUNABLE}"
     if not sys.platform.startswith("linux") or glibc is None or glibc < (2, 35):
         return "needs Linux with glibc >= 2.35"
+    if not sys.executable:
+        return "no interpreter path to re-execute (sys.executable is empty)"
     if mode != "madvise":
         return f"the kernel's transparent huge pages are {mode or 'unavailable'}, not madvise"
     return None

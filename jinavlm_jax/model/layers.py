@@ -282,20 +282,23 @@ def _attention_train_fwd(q, k, v, mask, dtype):
     s = jnp.einsum("bkgqd,bksd->bkgqs", qh.astype(dtype), kh.astype(dtype), preferred_element_type=F32)
     p = _masked_softmax(s, mask)
     oh = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dtype), vh.astype(dtype), preferred_element_type=F32)
-    return oh.transpose(0, 3, 1, 2, 4), (qh, kh, vh, mask, p, oh)
+    valid = None if mask is None else mask.any(axis=-1)[:, None, None, :, None]  # rows with an allowed key
+    return oh.transpose(0, 3, 1, 2, 4), (qh, kh, vh, valid, p, oh)
 
 
 def _attention_train_bwd(dtype, res, do):
-    qh, kh, vh, mask, p, oh = res
+    qh, kh, vh, valid, p, oh = res
     doh = do.transpose(0, 2, 3, 1, 4)
-    do_c = doh.astype(dtype)
-    dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dtype), do_c, preferred_element_type=F32)
-    dp = jnp.einsum("bkgqd,bksd->bkgqs", do_c, vh.astype(dtype), preferred_element_type=F32)
+    dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dtype), doh.astype(dtype), preferred_element_type=F32)
+    # A masked score is a constant: no gradient reaches q or k through it. In a row with an allowed key
+    # its p is exactly 0, and so is its dS = p * (dP - delta); a row with none (uniform p, as autodiff's
+    # forward) passes nothing back through its scores: its dO is zeroed for dP and delta only (it still
+    # reaches v above). No select over [Lq, Lk].
+    if valid is not None:
+        doh = jnp.where(valid, doh, 0.0)
+    dp = jnp.einsum("bkgqd,bksd->bkgqs", doh.astype(dtype), vh.astype(dtype), preferred_element_type=F32)
     delta = jnp.sum(doh.astype(F32) * oh, axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    if mask is not None:  # a masked score is a constant: no gradient reaches q or k through it
-        ds = jnp.where(mask[:, None, None, :, :], ds, 0.0)
-    ds = ds.astype(dtype)
+    ds = (p * (dp - delta)).astype(dtype)
     dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kh.astype(dtype), preferred_element_type=F32)
     dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, qh.astype(dtype), preferred_element_type=F32)
     return (dq.transpose(0, 3, 1, 2, 4).astype(qh.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype),
