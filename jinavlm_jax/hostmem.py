@@ -48,10 +48,14 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _tunable(environ) -> str | None:
+    """GLIBC_TUNABLES' malloc huge-page entry ("glibc.malloc.hugetlb=N"), None when it has none."""
+    return next((t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t.split("=")[0] == TUNABLE), None)
+
+
 def tunable_set(environ=None) -> bool:
     """True when GLIBC_TUNABLES already names the malloc huge-page tunable (any value)."""
-    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    return any(t.split("=")[0] == TUNABLE for t in tunables.split(":"))
+    return _tunable(os.environ if environ is None else environ) is not None
 
 
 def reason_not(environ=None, glibc=None, mode=None) -> str | None:
@@ -76,11 +80,9 @@ def reason_not(environ=None, glibc=None, mode=None) -> str | None:
 def status(environ=None) -> str:
     """One line for benchmark headers: whether malloc's large blocks use huge pages, and why."""
     environ = os.environ if environ is None else environ
-    if tunable_set(environ):
-        value = next(t for t in environ["GLIBC_TUNABLES"].split(":") if t.split("=")[0] == TUNABLE)
+    if (value := _tunable(environ)) is not None:
         return f"malloc huge pages: GLIBC_TUNABLES {value}"
-    mode = thp_mode()
-    if mode == "always":
+    if thp_mode() == "always":
         return "malloc huge pages: the kernel's THP mode is always"
     return f"malloc huge pages: off ({reason_not(environ) or 'tunable not set'})"
 

@@ -72,7 +72,7 @@ def test_entry_point_re_executes_once_with_the_tunable():
     assert next(l for l in off if l.startswith("hello")).split()[1] == "-"
 
 
-def test_in_process_callers_never_re_execute(capsys):
+def test_in_process_callers_never_re_execute():
     from jinavlm_jax.command import Command, run_cli
     seen = []
     cmd = Command("x", "", lambda ap: None, lambda a: seen.append(os.getpid()), huge_pages=True)
